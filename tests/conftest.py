@@ -1,0 +1,170 @@
+"""Fixtures: the three fakes, a valid environment pointing at them, and ways to run the bot
+the way users do (in-process through ``ledger_bot.main`` and as a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from fakes import FakeGateway, FakeSlack, FakeSocketMode, free_port, http_get, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Secrets used by every test: distinctive, so a leak is easy to spot in any output.
+SECRETS = {
+    "SLACK_BOT_TOKEN": "xoxb-1111-2222-SECRETBOTTOKEN",
+    "SLACK_APP_TOKEN": "xapp-1-A111-3333-SECRETAPPTOKEN",
+    "LITELLM_DEVELOPER_KEY": "sk-litellm-SECRETGATEWAYKEY",
+}
+
+
+@pytest.fixture
+def socket_mode():
+    fake = FakeSocketMode()
+    yield fake
+    fake.close()
+
+
+def _http_server():
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def slack(socket_mode):
+    server = _http_server()
+    fake = FakeSlack(server, socket_mode)
+    yield fake
+    server.clear()
+    server.stop()
+
+
+@pytest.fixture
+def gateway():
+    server = _http_server()
+    fake = FakeGateway(server)
+    yield fake
+    fake.shutdown.set()
+    server.clear()
+    server.stop()
+
+
+@pytest.fixture
+def env(slack, gateway):
+    return {
+        **SECRETS,
+        "LITELLM_BASE_URL": gateway.base_url,
+        "SLACK_API_URL": slack.api_url,
+        "HEALTH_PORT": str(free_port()),
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
+        "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "5",
+        "LEDGER_BOT_LLM_MAX_RETRIES": "0",
+        "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS": "10",
+        "LEDGER_BOT_KNOWLEDGE": str(ROOT / "knowledge"),
+    }
+
+
+@dataclass
+class RunningBot:
+    env: dict
+    thread: threading.Thread
+    stop_event: threading.Event
+    result: dict = field(default_factory=dict)
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['HEALTH_PORT']}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        return http_get(self.health_url + path)
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        wait_for(lambda: self.get("/ready")[0] == 200, timeout, "/ready 200")
+
+    def stop(self, timeout: float = 30) -> int:
+        self.stop_event.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "bot did not stop"
+        return self.result["exit"]
+
+
+@pytest.fixture
+def start_bot(env, socket_mode):
+    """Start ``ledger_bot.main`` in a thread with ``env`` (plus overrides); stops at teardown."""
+    import ledger_bot
+
+    bots: list[RunningBot] = []
+
+    def start(wait_ready: bool = True, **overrides: str) -> RunningBot:
+        bot_env = {**env, **overrides}
+        stop = threading.Event()
+        result: dict = {}
+
+        def run() -> None:
+            result["exit"] = ledger_bot.main([], environ=bot_env, stop=stop)
+
+        thread = threading.Thread(target=run, name="bot-main", daemon=True)
+        bot = RunningBot(bot_env, thread, stop, result)
+        thread.start()
+        bots.append(bot)
+        if wait_ready:
+            bot.wait_ready()
+        return bot
+
+    yield start
+    for bot in bots:
+        if bot.thread.is_alive():
+            bot.stop()
+
+
+@dataclass
+class BotProcess:
+    proc: subprocess.Popen
+    env: dict
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['HEALTH_PORT']}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        return http_get(self.health_url + path)
+
+    def terminate(self, timeout: float = 30) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+def run_subprocess(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
+    """``python ledger_bot.py ARGS`` exactly as users run it, with only ``env`` (plus PATH)."""
+    full_env = {"PATH": os.environ.get("PATH", ""), **env}
+    return subprocess.Popen([sys.executable, str(ROOT / "ledger_bot.py"), *args], env=full_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture
+def spawn_bot(env):
+    procs: list[BotProcess] = []
+
+    def spawn(*args: str, **overrides: str) -> BotProcess:
+        bot = BotProcess(run_subprocess(list(args), {**env, **overrides}), {**env, **overrides})
+        procs.append(bot)
+        return bot
+
+    yield spawn
+    for bot in procs:
+        if bot.proc.poll() is None:
+            bot.proc.kill()
+            bot.proc.communicate()
