@@ -3,6 +3,7 @@ the way users do (in-process through ``ledger_bot.main`` and as a subprocess).""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,10 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 from fakes import FakeGateway, FakeSlack, FakeSocketMode, free_port, http_get, wait_for
+
+# The fakes' own servers log every request; only the bot's lines are worth reading in a failure.
+for _noisy in ("werkzeug", "websockets"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
