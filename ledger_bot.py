@@ -83,6 +83,7 @@ log = logging.getLogger("ledger_bot")
 
 SECRET_ENV_VARS = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY")
 EXIT_CONFIG = 2
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge"
 
 
 def _setting(description: str, **constraints: Any) -> msgspec.Meta:
@@ -118,7 +119,27 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ledger_bot_history_max_chars: Annotated[int, _setting("a whole number >= 1000", ge=1000)] = 40_000
     ledger_bot_context_tokens: Annotated[int, _setting("a whole number >= 4096", ge=4096)] = 200_000
     ledger_bot_max_output_tokens: Annotated[int, _setting("a whole number >= 256", ge=256)] = 4096
+    ledger_bot_knowledge: Annotated[str, _setting("a readable .md/.txt file or a directory holding some")] = ""
+    ledger_bot_knowledge_share: Annotated[float, _setting("a fraction between 0.05 and 0.9", ge=0.05, le=0.9)] = 0.5
+    ledger_bot_streaming: Annotated[bool, _setting("true or false")] = True
+    ledger_bot_stream_flush_chars: Count = 400
+    ledger_bot_stream_flush_seconds: Seconds = 0.5
+    ledger_bot_follow_ups: Annotated[bool, _setting("true or false")] = False
+    ledger_bot_allowed_channels: Annotated[tuple[str, ...], _setting("comma-separated Slack channel ids")] = ()
+    ledger_bot_allowed_users: Annotated[tuple[str, ...], _setting("comma-separated Slack user ids")] = ()
+    ledger_bot_feedback: Annotated[bool, _setting("true or false")] = True
+    ledger_bot_user_rate_limit: Annotated[int, _setting("a whole number >= 0 (0 = no limit)", ge=0)] = 10
+    ledger_bot_user_rate_window_seconds: Seconds = 60.0
+    ledger_bot_daily_budget_usd: Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)] = 50.0
+    ledger_bot_user_daily_budget_usd: Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)] = 5.0
+    ledger_bot_input_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 3.0
+    ledger_bot_output_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 15.0
     ledger_bot_git_sha: str = "unknown"
+
+    @property
+    def knowledge_path(self) -> Path:
+        """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
+        return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
 
 
 def _env_name(field_name: str) -> str:
@@ -140,17 +161,30 @@ def load_config(environ: dict[str, str] | os._Environ) -> Config:
             if field.required:
                 problems.append(f"{name}: required but not set")
             continue
+        value: Any = raw
+        if _is_list_setting(field.type):
+            value = [item.strip() for item in raw.split(",") if item.strip()]
         try:
-            values[field.name] = msgspec.convert(raw, field.type, strict=False)
+            values[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError:
             problems.append(f"{name}: invalid, expected {_describe(field.type)}")
+    if "ledger_bot_knowledge" in values and not knowledge_files(Path(values["ledger_bot_knowledge"])):
+        problems.append("LEDGER_BOT_KNOWLEDGE: invalid, expected a readable .md/.txt file or a directory holding some")
     if problems:
         raise ConfigError(problems)
     return Config(**values)
 
 
 # Case-insensitive settings, so LOG_LEVEL=debug works as people type it.
-_NORMALISE: dict[str, Callable[[str], str]] = {"log_level": str.upper, "log_format": str.lower}
+_NORMALISE: dict[str, Callable[[str], str]] = {
+    "log_level": str.upper, "log_format": str.lower,
+    "ledger_bot_streaming": str.lower, "ledger_bot_follow_ups": str.lower, "ledger_bot_feedback": str.lower,
+}
+
+
+def _is_list_setting(annotation: Any) -> bool:
+    inner = getattr(annotation, "__origin__", annotation)  # unwrap Annotated[...]
+    return getattr(inner, "__origin__", inner) is tuple
 
 
 def _describe(annotation: Any) -> str:
@@ -292,6 +326,19 @@ QUEUE_DEPTH = prometheus_client.Gauge("ledger_bot_worker_queue_depth", "Question
 WORKERS_BUSY = prometheus_client.Gauge("ledger_bot_workers_busy", "Workers answering a question right now")
 FEEDBACK = prometheus_client.Counter("ledger_bot_feedback", "Answer feedback button clicks", ["value"])
 BUILD_INFO = prometheus_client.Gauge("ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"])
+
+ANSWER_OUTCOMES = ("ok", "timeout", "rate_limited", "gateway_error", "context_too_long", "slack_error", "busy",
+                   "user_rate_limited", "budget_exhausted", "not_allowed", "internal_error")
+# Every series exists from the start at 0, so rate() and increase() see the first event.
+for _outcome in ANSWER_OUTCOMES:
+    ANSWERS.labels(outcome=_outcome)
+for _type in ("app_mention", "message", "block_actions", "other"):
+    for _event_outcome in ("accepted", "ignored", "duplicate", "rejected"):
+        EVENTS.labels(type=_type, outcome=_event_outcome)
+for _kind in ("prompt", "completion"):
+    LLM_TOKENS.labels(kind=_kind)
+for _value in ("up", "down"):
+    FEEDBACK.labels(value=_value)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -499,7 +546,7 @@ class Question:
     """One question the bot will answer: where, who, what, and which thread to reply in."""
 
     event_id: str
-    kind: str  # "mention" | "dm"
+    kind: str  # "mention" | "dm" | "followup"
     channel: str
     user: str
     team: str
@@ -511,18 +558,22 @@ class Question:
 
 @dataclasses.dataclass(frozen=True)
 class Ignored:
-    reason: str  # small fixed set: unsupported_event, subtype, bot, own_message, not_addressed, malformed
+    reason: str  # unsupported_event, subtype, bot, own_message, not_addressed, mention_twin, malformed
 
 
 _MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 
-def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: str, me: BotIdentity) -> Question | Ignored:
+def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: str, me: BotIdentity,
+                   *, follow_ups: bool = False) -> Question | Ignored:
     """Decide whether an Events API event is a question for the bot.
 
     ``app_mention`` -> a question in its thread; ``message`` in a DM (``channel_type: im``) ->
-    a question threaded under it. Other bots, the bot itself, edits, deletions and every
-    other subtype are ignored, as are channel messages (mentions arrive as ``app_mention``).
+    a question threaded under it. With ``follow_ups``, a channel message inside a thread is a
+    "followup" question (the worker checks that the thread started with a mention of the bot).
+    Other bots, the bot itself, edits, deletions and every other subtype are ignored, as are
+    other channel messages and channel messages that mention the bot (their ``app_mention``
+    twin is the one answered).
     """
     if event_type not in ("app_mention", "message"):
         return Ignored("unsupported_event")
@@ -534,11 +585,16 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
         return Ignored("own_message")
     if not (event.channel and event.user and event.ts):
         return Ignored("malformed")
+    kind = "mention" if event_type == "app_mention" else "dm"
     if event_type == "message" and event.channel_type != "im":
-        return Ignored("not_addressed")
+        if f"<@{me.user_id}" in event.text:
+            return Ignored("mention_twin")
+        if not (follow_ups and event.thread_ts and event.thread_ts != event.ts):
+            return Ignored("not_addressed")
+        kind = "followup"
     return Question(
         event_id=event_id,
-        kind="mention" if event_type == "app_mention" else "dm",
+        kind=kind,
         channel=event.channel,
         user=event.user,
         team=event.user_team or event.team or team_id,
@@ -569,39 +625,52 @@ people may be in the thread; answer the latest message, using the thread for con
 - Be concise; lead with the answer."""
 
 
+class QuestionTooLong(Exception):
+    """The question alone (with the system prompt and knowledge) does not fit the context."""
+
+
 def build_llm_messages(
     *, question: Question, thread: list[dict], me: BotIdentity, system_prompt: str,
-    max_messages: int, max_chars: int,
+    max_messages: int, max_chars: int, knowledge: KnowledgeChoice | None = None,
+    token_budget: int | None = None, count_tokens: Callable[[str], int] = len,
 ) -> list[dict]:
     """Turn a Slack thread into chat messages for the model.
 
     The bot's earlier answers become ``assistant`` turns; everyone else is ``user``, prefixed
     with their mention so the model can tell people apart; the bot's own mention is stripped.
     Notices (error, busy) and messages after the question are left out. The question is always
-    the last turn; the oldest messages go first when the thread exceeds ``max_messages`` or
-    ``max_chars``. Consecutive turns of one role are merged (Claude wants them alternating).
+    the last turn. History is bounded by ``max_messages``, ``max_chars`` and, when given,
+    ``token_budget`` (the whole prompt, counted with ``count_tokens``): the oldest messages go
+    first, never the question; if even the question does not fit, QuestionTooLong is raised.
+    Consecutive turns of one role are merged (Claude wants them alternating).
     """
-    turns: list[tuple[str, str]] = []
-    for msg in thread:
-        if msg.get("ts") == question.ts:
-            continue  # the question is appended last from the event itself, which is authoritative
-        if _ts_key(msg.get("ts", "0")) > _ts_key(question.ts):
-            continue
-        turn = _thread_turn(msg, me)
-        if turn:
-            turns.append(turn)
-    question_turn = ("user", f"<@{question.user}>: {strip_mention(question.text, me.user_id)}")
-    turns = turns[-max(0, max_messages - 1):] if max_messages > 1 else []
-    budget = max_chars - len(question_turn[1])
+    system = _system_message(system_prompt, knowledge)
+    asked = ("user", f"<@{question.user}>: {strip_mention(question.text, me.user_id)}")
+    history = [t for msg in thread
+               if msg.get("ts") != question.ts and _ts_key(msg.get("ts", "0")) < _ts_key(question.ts)
+               and (t := _thread_turn(msg, me))]
+    history = history[-(max_messages - 1):] if max_messages > 1 else []
+    chars_left = max_chars - len(asked[1])
+    tokens_left = None
+    if token_budget is not None:
+        tokens_left = token_budget - count_tokens(system_prompt) - count_tokens(knowledge.text if knowledge else "")
+        tokens_left -= count_tokens(asked[1]) + 8
+        if tokens_left < 0:
+            raise QuestionTooLong()
     kept: list[tuple[str, str]] = []
-    for role, text in reversed(turns):
-        if len(text) > budget:
+    for role, text in reversed(history):
+        if len(text) > chars_left:
             break
+        if tokens_left is not None:
+            cost = count_tokens(text) + 4  # + per-message framing
+            if cost > tokens_left:
+                break
+            tokens_left -= cost
         kept.append((role, text))
-        budget -= len(text)
+        chars_left -= len(text)
     kept.reverse()
-    kept.append(question_turn)
-    while kept and kept[0][0] == "assistant":  # the conversation must open with a user turn
+    kept.append(asked)
+    while kept[0][0] == "assistant":  # the conversation must open with a user turn
         kept.pop(0)
     merged: list[dict] = []
     for role, text in kept:
@@ -609,7 +678,20 @@ def build_llm_messages(
             merged[-1]["content"] += "\n\n" + text
         else:
             merged.append({"role": role, "content": text})
-    return [{"role": "system", "content": system_prompt}, *merged]
+    return [system, *merged]
+
+
+def _system_message(system_prompt: str, knowledge: KnowledgeChoice | None) -> dict:
+    """The system turn; knowledge rides in its own block. The whole knowledge base is the same
+    for every question, so it is marked for prompt caching; a per-question selection is not."""
+    if knowledge is None or not knowledge.text:
+        return {"role": "system", "content": system_prompt}
+    heading = ("Team knowledge (the whole knowledge base):" if knowledge.whole
+               else "Team knowledge (the sections most relevant to this thread):")
+    block: dict[str, Any] = {"type": "text", "text": f"{heading}\n\n{knowledge.text}"}
+    if knowledge.whole:
+        block["cache_control"] = {"type": "ephemeral"}
+    return {"role": "system", "content": [{"type": "text", "text": system_prompt}, block]}
 
 
 def _thread_turn(msg: dict, me: BotIdentity) -> tuple[str, str] | None:
@@ -682,6 +764,154 @@ def _open_fence(text: str) -> str | None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
+# 7. Knowledge
+# ════════════════════════════════════════════════════════════════════════════════════════
+# The team's documents (LEDGER_BOT_KNOWLEDGE). When they fit their share of the context they
+# go whole into the system prompt, marked for prompt caching; otherwise each question gets the
+# best-matching sections by BM25, each labelled with its file and heading so answers can cite.
+
+KNOWLEDGE_SUFFIXES = (".md", ".txt")
+
+
+def knowledge_files(path: Path) -> list[Path]:
+    """The knowledge files under ``path`` (a file or a folder, searched recursively), sorted."""
+    if path.is_file():
+        return [path] if path.suffix.lower() in KNOWLEDGE_SUFFIXES else []
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWLEDGE_SUFFIXES)
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    source: str  # file path relative to the knowledge root
+    heading: str  # the heading trail, e.g. "Runbook > Restarting"
+    text: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} § {self.heading}" if self.heading else self.source
+
+    def render(self) -> str:
+        return f"<document source=\"{self.label}\">\n{self.text.strip()}\n</document>"
+
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+
+
+def split_sections(source: str, text: str) -> list[Section]:
+    """Split a Markdown document at its headings; text before the first heading is a section too.
+    Headings inside fenced code blocks are not headings."""
+    sections: list[Section] = []
+    trail: list[str] = []
+    lines: list[str] = []
+    in_fence = False
+
+    def close() -> None:
+        body = "\n".join(lines).strip()
+        if body:
+            sections.append(Section(source, " > ".join(trail), body))
+        lines.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            in_fence = not in_fence
+        match = None if in_fence else _HEADING.match(line)
+        if match:
+            close()
+            level = len(match.group(1))
+            trail[:] = trail[: level - 1] + [match.group(2)]
+        lines.append(line)
+    close()
+    return sections
+
+
+def load_knowledge(path: Path) -> list[Section]:
+    """Read every knowledge file under ``path`` into sections (UTF-8, undecodable bytes replaced)."""
+    root = path if path.is_dir() else path.parent
+    sections: list[Section] = []
+    for file in knowledge_files(path):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        sections.extend(split_sections(str(file.relative_to(root)), text))
+    return sections
+
+
+_WORD = re.compile(r"[a-z0-9_]{2,}")
+
+
+def _terms(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def rank_sections(sections: list[Section], query: str, *, k1: float = 1.5, b: float = 0.75) -> list[Section]:
+    """Sections ordered by BM25 relevance to ``query`` (ties keep document order); sections
+    sharing no term with the query are left out."""
+    docs = [_terms(s.label + " " + s.text) for s in sections]
+    if not docs:
+        return []
+    avg_len = sum(len(d) for d in docs) / len(docs) or 1.0
+    doc_freq: collections.Counter[str] = collections.Counter()
+    for d in docs:
+        doc_freq.update(set(d))
+    query_terms = set(_terms(query))
+    scored = []
+    for index, d in enumerate(docs):
+        counts = collections.Counter(d)
+        score = 0.0
+        for term in query_terms:
+            tf = counts.get(term, 0)
+            if tf:
+                idf = math.log(1 + (len(docs) - doc_freq[term] + 0.5) / (doc_freq[term] + 0.5))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(d) / avg_len))
+        if score > 0:
+            scored.append((-score, index))
+    return [sections[i] for _, i in sorted(scored)]
+
+
+@dataclasses.dataclass(frozen=True)
+class KnowledgeChoice:
+    """What goes into the system prompt: the text, whether it is the whole (cacheable) base,
+    and which sections were chosen."""
+
+    text: str
+    whole: bool
+    labels: tuple[str, ...]
+
+
+def choose_knowledge(sections: list[Section], section_tokens: list[int], query: str, budget: int) -> KnowledgeChoice:
+    """All sections if they fit ``budget`` tokens; else the most relevant ones that fit."""
+    if sum(section_tokens) <= budget:
+        return KnowledgeChoice("\n\n".join(s.render() for s in sections), True, tuple(s.label for s in sections))
+    tokens_of = {id(s): t for s, t in zip(sections, section_tokens)}
+    chosen: list[Section] = []
+    left = budget
+    for section in rank_sections(sections, query):
+        cost = tokens_of[id(section)]
+        if cost <= left:
+            chosen.append(section)
+            left -= cost
+    order = {id(s): i for i, s in enumerate(sections)}
+    chosen.sort(key=lambda s: order[id(s)])
+    return KnowledgeChoice("\n\n".join(s.render() for s in chosen), False, tuple(s.label for s in chosen))
+
+
+class KnowledgeBase:
+    """The loaded sections plus their token counts, counted once on first use (counting needs
+    litellm, which is not imported at start-up)."""
+
+    def __init__(self, sections: list[Section]):
+        self.sections = sections
+        self._tokens: list[int] | None = None
+        self._lock = threading.Lock()
+
+    def choose(self, query: str, budget: int, count: Callable[[str], int]) -> KnowledgeChoice:
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = [count(s.render()) for s in self.sections]
+        return choose_knowledge(self.sections, self._tokens, query, budget)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
 # 8. LLM
 # ════════════════════════════════════════════════════════════════════════════════════════
 
@@ -722,7 +952,50 @@ class LLMFailure(Exception):
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cached_tokens: int = 0
+
+    def cost_usd(self, config: Config) -> float:
+        """Dollars for this answer at the configured prices; cached prompt tokens are billed
+        at a tenth of the input price (Anthropic's cache-read rate)."""
+        per_in = config.ledger_bot_input_cost_per_mtok / 1e6
+        fresh = max(0, self.prompt_tokens - self.cached_tokens)
+        return (fresh * per_in + self.cached_tokens * per_in * 0.1
+                + self.completion_tokens * config.ledger_bot_output_cost_per_mtok / 1e6)
+
+
+def model_id(config: Config) -> str:
+    return f"litellm_proxy/{config.ledger_bot_model}"
+
+
+_registered: set[str] = set()
+
+
+def register_alias(config: Config) -> None:
+    """Tell litellm the gateway alias's real limits and prices, so ``token_counter`` and cost
+    bookkeeping know it (an unknown alias also makes litellm do extra work on every chunk)."""
+    name = model_id(config)
+    if name in _registered:
+        return
+    per_in = config.ledger_bot_input_cost_per_mtok / 1e6
+    _litellm().register_model({name: {
+        "max_input_tokens": config.ledger_bot_context_tokens,
+        "max_output_tokens": config.ledger_bot_max_output_tokens,
+        "input_cost_per_token": per_in,
+        "output_cost_per_token": config.ledger_bot_output_cost_per_mtok / 1e6,
+        "cache_read_input_token_cost": per_in * 0.1,
+        "cache_creation_input_token_cost": per_in * 1.25,
+        "litellm_provider": "litellm_proxy",
+        "mode": "chat",
+    }})
+    _registered.add(name)
+
+
+def token_counter(config: Config) -> Callable[[str], int]:
+    """Count tokens of a text the way litellm does for the registered alias."""
+    lm = _litellm()
+    register_alias(config)
+    name = model_id(config)
+    return lambda text: lm.token_counter(model=name, text=text) if text else 0
 
 
 def classify_llm_error(exc: BaseException) -> LLMFailure:
@@ -750,10 +1023,11 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage) -> Ite
     Raises LLMFailure.
     """
     lm = _litellm()
+    register_alias(config)
     deadline = time.monotonic() + ANSWER_HARD_LIMIT_SECONDS
     try:
         response = lm.completion(
-            model=f"litellm_proxy/{config.ledger_bot_model}",
+            model=model_id(config),
             messages=messages,
             api_base=config.litellm_base_url,
             api_key=config.litellm_developer_key,
@@ -775,6 +1049,8 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage) -> Ite
             if chunk_usage:
                 usage.prompt_tokens = chunk_usage.prompt_tokens or usage.prompt_tokens
                 usage.completion_tokens = chunk_usage.completion_tokens or usage.completion_tokens
+                details = getattr(chunk_usage, "prompt_tokens_details", None)
+                usage.cached_tokens = getattr(details, "cached_tokens", None) or usage.cached_tokens
     except LLMFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - every gateway error becomes a classified failure
@@ -790,54 +1066,187 @@ ANSWER_HARD_LIMIT_SECONDS = 240
 # 9. Reply delivery
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-# Slack limits: a markdown block holds 12,000 characters.
+# A markdown block, and one chat.startStream/appendStream call, hold 12,000 characters. A
+# streamed message is rolled over to a new one a little before that, so a closing code fence
+# always fits.
 MARKDOWN_LIMIT = 12_000
-
+_ROLLOVER_RESERVE = 16
 PLACEHOLDER_TEXT = "_Thinking…_"
+EMPTY_ANSWER = "(The model returned an empty answer. Please try rephrasing the question.)"
+FEEDBACK_ACTIONS = {"feedback_up": "up", "feedback_down": "down"}
+
+
+def feedback_blocks(ref: str) -> list[dict]:
+    """👍/👎 buttons; the clicked button's value is the answer's reference id."""
+    return [{"type": "actions", "block_id": "ledger_bot_feedback", "elements": [
+        {"type": "button", "action_id": "feedback_up", "value": ref,
+         "text": {"type": "plain_text", "text": "👍 Helpful", "emoji": True}},
+        {"type": "button", "action_id": "feedback_down", "value": ref,
+         "text": {"type": "plain_text", "text": "👎 Not helpful", "emoji": True}},
+    ]}]
 
 
 class Reply:
-    """One reply in one thread: visible feedback first, then the answer, whole.
+    """One reply in one thread: visible feedback first, then the answer, whole and in order.
 
-    Feedback is the assistant "is thinking…" status when Slack allows it, else a placeholder
-    message that the answer's first part later replaces. ``finish`` posts the answer split
-    into messages within Slack's limits; ``fail`` posts a short notice. Slack errors escape as
-    SlackApiError/SlackClientError for the caller to map.
+    Feedback is the assistant "is thinking…" status, or, when Slack refuses it, a placeholder
+    message that the answer then fills in. Text is streamed with chat.startStream /
+    appendStream / stopStream, flushed when ``flush_chars`` are buffered or ``flush_seconds``
+    have passed since the last flush (checked as text arrives; the first text goes at once),
+    and rolled over to a new message before Slack's 12,000-character limit. slack_sdk's
+    ChatStream helper is not used because it flushes on size only and hides how much text
+    reached Slack when a call fails.
+
+    If streaming is off, refused or dies mid-way (``message_not_in_streaming_state`` after
+    ~5 minutes, ``method_not_supported…``, any error) the reply continues with chat.update /
+    chat.postMessage from exactly the text Slack already shows: nothing lost, nothing doubled,
+    no spinner left behind. Slack errors that even the fallback cannot absorb escape as
+    SlackClientError.
     """
 
-    def __init__(self, web: WebClient, question: Question, ref: str):
+    def __init__(self, web: WebClient, question: Question, ref: str, *, streaming: bool, flush_chars: int,
+                 flush_seconds: float, feedback: bool, received: float):
         self.web = web
         self.q = question
         self.ref = ref
-        self.placeholder_ts: str | None = None
-        self.status_set = False
+        self.use_stream = streaming
+        self.flush_chars = flush_chars
+        self.flush_seconds = flush_seconds
+        self.feedback = feedback
+        self.received = received
+        self.visible_ts: str | None = None  # the message being written: a stream or a placeholder
+        self.visible_text = ""  # what Slack shows in that message
+        self.stream_open = False
+        self.pending = ""  # text from the model that Slack does not show yet
+        self.last_flush = 0.0
+        self.last_update = 0.0
+        self.shown_any = False
+        self.messages_posted = 0
+
+    # -- public ------------------------------------------------------------------------------
 
     def show_feedback(self) -> None:
-        self.status_set = set_thinking_status(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts)
-        if not self.status_set:
-            self.placeholder_ts = post_message(
-                self.web, channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=PLACEHOLDER_TEXT,
-                metadata_type=NOTICE_METADATA, ref=self.ref,
-            )
+        """Status if Slack allows it, else a placeholder (then no streaming: the placeholder is
+        updated in place instead)."""
+        if set_thinking_status(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts):
+            return
+        self.visible_ts = post_message(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts,
+                                       markdown=PLACEHOLDER_TEXT, metadata_type=NOTICE_METADATA, ref=self.ref)
+        self.use_stream = False
 
-    def finish(self, answer: str) -> None:
-        parts = split_message(answer.strip() or "(the model returned an empty answer)", MARKDOWN_LIMIT)
-        for i, part in enumerate(parts):
-            self._put(part, ANSWER_METADATA, first=i == 0)
+    def add(self, text: str) -> None:
+        self.pending += text
+        if (not self.shown_any or len(self.pending) >= self.flush_chars
+                or time.monotonic() - self.last_flush >= self.flush_seconds):
+            self._flush(final=False)
+
+    def finish(self) -> None:
+        """Deliver everything still pending and close the reply (feedback buttons last)."""
+        if not (self.shown_any or self.pending.strip()):
+            self.pending = EMPTY_ANSWER
+        self._flush(final=True, metadata_type=ANSWER_METADATA, feedback=self.feedback)
 
     def fail(self, notice: str) -> None:
-        self._put(notice, NOTICE_METADATA, first=True)
-        if self.status_set and self.placeholder_ts is None:
-            pass  # posting a reply clears the status
+        """End the reply with ``notice`` after whatever text was already shown."""
+        self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
+        self._flush(final=True, metadata_type=NOTICE_METADATA, feedback=False)
 
-    def _put(self, markdown: str, metadata_type: str, *, first: bool) -> None:
-        if first and self.placeholder_ts:
-            update_message(self.web, channel=self.q.channel, ts=self.placeholder_ts, markdown=markdown,
-                           metadata_type=metadata_type, ref=self.ref)
-            self.placeholder_ts = None
+    # -- flushing ----------------------------------------------------------------------------
+
+    def _flush(self, *, final: bool, metadata_type: str = ANSWER_METADATA, feedback: bool = False) -> None:
+        self.last_flush = time.monotonic()
+        if self.use_stream:
+            try:
+                self._flush_stream(final, metadata_type, feedback)
+                return
+            except SlackClientError as e:
+                log_event(logging.WARNING, "stream_fallback", ref=self.ref, channel=self.q.channel,
+                          error=_slack_error_code(e))
+                self.use_stream = False
+                self.stream_open = False
+        self._flush_messages(final, metadata_type, feedback)
+
+    def _shown(self, text: str) -> None:
+        if text and not self.shown_any:
+            self.shown_any = True
+            FIRST_TOKEN.observe(time.monotonic() - self.received)
+
+    def _flush_stream(self, final: bool, metadata_type: str, feedback: bool) -> None:
+        limit = MARKDOWN_LIMIT - _ROLLOVER_RESERVE
+        while len(self.visible_text) + len(self.pending) > limit:
+            room = limit - len(self.visible_text)
+            cut = _best_cut(self.pending[:room]) if room > 0 else 0
+            head, tail = self.pending[:cut], self.pending[cut:]
+            fence = _open_fence(self.visible_text + head)
+            self._stream_send(head + ("" if fence is None else ("" if head.endswith("\n") else "\n") + FENCE_CLOSE))
+            self.pending = ("" if fence is None else fence + "\n") + tail
+            self._stream_stop(ANSWER_METADATA, feedback=False)
+        if self.pending:
+            self._stream_send(self.pending)
+            self.pending = ""
+        if final and self.stream_open:
+            self._stream_stop(metadata_type, feedback)
+
+    def _stream_send(self, text: str) -> None:
+        if not text:
+            return
+        if not self.stream_open:
+            resp = self.web.chat_startStream(
+                channel=self.q.channel, thread_ts=self.q.thread_ts, markdown_text=text,
+                recipient_user_id=self.q.user, recipient_team_id=self.q.team or None)
+            self.visible_ts, self.visible_text, self.stream_open = resp["ts"], "", True
         else:
-            post_message(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=markdown,
-                         metadata_type=metadata_type, ref=self.ref)
+            self.web.chat_appendStream(channel=self.q.channel, ts=self.visible_ts, markdown_text=text)
+        self.visible_text += text
+        self._shown(text)
+
+    def _stream_stop(self, metadata_type: str, feedback: bool) -> None:
+        self.web.chat_stopStream(
+            channel=self.q.channel, ts=self.visible_ts,
+            blocks=feedback_blocks(self.ref) if feedback else None,
+            metadata={"event_type": metadata_type, "event_payload": {"ref": self.ref}})
+        self.visible_ts, self.visible_text, self.stream_open = None, "", False
+        self.messages_posted += 1
+
+    def _flush_messages(self, final: bool, metadata_type: str, feedback: bool) -> None:
+        """Without a stream: grow the visible message in place while it fits (chat.update, at
+        most once a second), and at the end split what is left into posted messages."""
+        if not final:
+            combined = self.visible_text + self.pending
+            if (self.visible_ts and len(combined) <= MARKDOWN_LIMIT
+                    and time.monotonic() - self.last_update >= max(1.0, self.flush_seconds)):
+                self.last_update = time.monotonic()
+                with contextlib.suppress(SlackClientError):  # the final flush tries again
+                    update_message(self.web, channel=self.q.channel, ts=self.visible_ts, markdown=combined,
+                                   metadata_type=NOTICE_METADATA, ref=self.ref)
+                    self.visible_text, self.pending = combined, ""
+                    self._shown(combined)
+            return
+        rest: list[str]
+        if self.visible_ts:
+            pieces = split_message(self.visible_text + self.pending, MARKDOWN_LIMIT)
+            try:
+                update_message(self.web, channel=self.q.channel, ts=self.visible_ts, markdown=pieces[0],
+                               metadata_type=metadata_type, ref=self.ref,
+                               extra_blocks=feedback_blocks(self.ref) if feedback and len(pieces) == 1 else None)
+                self._shown(pieces[0])
+                rest = pieces[1:]
+            except SlackClientError as e:
+                # The message keeps what it shows; post only what it does not show yet.
+                log_event(logging.WARNING, "update_failed", ref=self.ref, error=_slack_error_code(e))
+                fence = _open_fence(self.visible_text)
+                leftover = ("" if fence is None else fence + "\n") + self.pending
+                rest = split_message(leftover, MARKDOWN_LIMIT) if self.pending.strip() else []
+            self.visible_ts, self.visible_text = None, ""
+        else:
+            rest = split_message(self.pending, MARKDOWN_LIMIT) if self.pending.strip() else []
+        for i, piece in enumerate(rest):
+            post_message(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=piece,
+                         metadata_type=metadata_type, ref=self.ref,
+                         extra_blocks=feedback_blocks(self.ref) if feedback and i == len(rest) - 1 else None)
+            self._shown(piece)
+            self.messages_posted += 1
+        self.pending = ""
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -853,6 +1262,8 @@ FAILURE_NOTICES = {
     "internal_error": "Sorry, something went wrong on my side while answering. Please try again.",
 }
 BUSY_NOTICE = "I'm busy with other questions right now. Please try again in a minute."
+NOT_ALLOWED_NOTICE = ("Sorry, I'm not enabled here: this channel or user is not on my allow-list. "
+                      "The BOR Write team (@bor-write-eng) can enable it.")
 
 
 def failure_notice(kind: str, ref: str) -> str:
@@ -871,40 +1282,115 @@ class Job:
     ref: str = dataclasses.field(default_factory=new_ref)
 
 
+class Limits:
+    """Per-user rate limit and daily dollar budgets (per user and in total), in memory.
+
+    They hold per process: with N replicas the effective limits are N times these (Slack
+    spreads events across connections), and a restart forgets today's spend. ``admit`` is
+    called before a question is queued; ``spend`` after it is answered.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._asked: dict[str, collections.deque[float]] = {}
+        self._day = ""
+        self._spent_total = 0.0
+        self._spent_by_user: dict[str, float] = {}
+
+    def _today(self) -> str:
+        day = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).date().isoformat()
+        if day != self._day:
+            self._day, self._spent_total, self._spent_by_user = day, 0.0, {}
+        return day
+
+    def admit(self, user: str) -> tuple[str, str] | None:
+        """None if ``user`` may ask now (and count it), else (outcome, notice)."""
+        c = self.config
+        now = self.clock()
+        with self._lock:
+            self._today()
+            if c.ledger_bot_daily_budget_usd and self._spent_total >= c.ledger_bot_daily_budget_usd:
+                return "budget_exhausted", ("Sorry, today's LLM budget for ledger-bot is spent. "
+                                            "It resets at 00:00 UTC; please ask again then.")
+            if c.ledger_bot_user_daily_budget_usd and self._spent_by_user.get(user, 0.0) >= c.ledger_bot_user_daily_budget_usd:
+                return "budget_exhausted", ("Sorry, you've used today's per-person LLM budget for ledger-bot. "
+                                            "It resets at 00:00 UTC.")
+            if c.ledger_bot_user_rate_limit:
+                window = c.ledger_bot_user_rate_window_seconds
+                asked = self._asked.setdefault(user, collections.deque())
+                while asked and asked[0] <= now - window:
+                    asked.popleft()
+                if len(asked) >= c.ledger_bot_user_rate_limit:
+                    wait = max(1, math.ceil(asked[0] + window - now))
+                    return "user_rate_limited", (f"You've asked {len(asked)} questions in the last "
+                                                 f"{_duration(window)}. Please try again in {_duration(wait)}.")
+                asked.append(now)
+            if len(self._asked) > 10_000:  # forget idle users so memory stays bounded
+                for u in [u for u, q in self._asked.items() if not q or q[-1] <= now - c.ledger_bot_user_rate_window_seconds]:
+                    del self._asked[u]
+        return None
+
+    def spend(self, user: str, usd: float) -> None:
+        with self._lock:
+            self._today()
+            self._spent_total += usd
+            self._spent_by_user[user] = self._spent_by_user.get(user, 0.0) + usd
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
 class Answerer:
     """Turns one Question into one reply in its thread; every failure becomes a notice."""
 
-    def __init__(self, config: Config, web: WebClient, me: BotIdentity):
+    def __init__(self, config: Config, web: WebClient, me: BotIdentity, knowledge: KnowledgeBase, limits: Limits):
         self.config = config
         self.web = web
         self.me = me
+        self.knowledge = knowledge
+        self.limits = limits
+        self.bot_threads = SeenSet(ttl_seconds=7 * 24 * 3600)  # threads the bot answered in
 
     def answer(self, job: Job) -> str:
         """Answer ``job``; returns the outcome (also logged and counted)."""
         q = job.question
+        c = self.config
+        if q.kind == "followup" and not self._thread_started_with_mention(q):
+            log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
+            return "ignored"
         usage = Usage()
-        reply = Reply(self.web, q, job.ref)
-        outcome, error = "ok", None
+        reply = Reply(self.web, q, job.ref, streaming=c.ledger_bot_streaming,
+                      flush_chars=c.ledger_bot_stream_flush_chars, flush_seconds=c.ledger_bot_stream_flush_seconds,
+                      feedback=c.ledger_bot_feedback, received=job.received)
+        outcome, error, sections = "ok", None, 0
         try:
             reply.show_feedback()
             FIRST_FEEDBACK.observe(time.monotonic() - job.received)
-            thread = (
-                fetch_thread(self.web, channel=q.channel, thread_ts=q.thread_ts,
-                             max_messages=self.config.ledger_bot_history_max_messages)
-                if q.in_thread else []
-            )
+            thread = (fetch_thread(self.web, channel=q.channel, thread_ts=q.thread_ts,
+                                   max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
+            count = token_counter(c)
+            query = " ".join([q.text, *(m.get("text") or "" for m in thread[-4:])])
+            choice = self.knowledge.choose(query, int(c.ledger_bot_context_tokens * c.ledger_bot_knowledge_share), count)
+            sections = len(choice.labels)
+            log_event(logging.DEBUG, "knowledge_chosen", ref=job.ref, whole=choice.whole, sections=list(choice.labels))
             messages = build_llm_messages(
                 question=q, thread=thread, me=self.me, system_prompt=SYSTEM_PROMPT,
-                max_messages=self.config.ledger_bot_history_max_messages,
-                max_chars=self.config.ledger_bot_history_max_chars,
-            )
-            log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages)
-            parts: list[str] = []
-            for text in stream_completion(self.config, messages, usage):
-                if not parts:
-                    FIRST_TOKEN.observe(time.monotonic() - job.received)
-                parts.append(text)
-            reply.finish("".join(parts))
+                max_messages=c.ledger_bot_history_max_messages, max_chars=c.ledger_bot_history_max_chars,
+                knowledge=choice, token_budget=c.ledger_bot_context_tokens - c.ledger_bot_max_output_tokens,
+                count_tokens=count)
+            log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
+            for text in stream_completion(c, messages, usage):
+                reply.add(text)
+            reply.finish()
+            self.bot_threads.add(f"{q.channel}:{q.thread_ts}")
+        except QuestionTooLong:
+            outcome, error = "context_too_long", "question exceeds the prompt budget"
         except LLMFailure as e:
             outcome, error = e.kind, e.detail
         except SlackClientError as e:
@@ -913,23 +1399,42 @@ class Answerer:
             outcome, error = "internal_error", type(e).__name__
             log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
         if outcome != "ok":
-            with contextlib.suppress(SlackClientError):
+            try:
                 reply.fail(failure_notice(outcome, job.ref))
-        self._record(job, outcome, error, usage)
+            except SlackClientError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
+        self._record(job, outcome, error, usage, sections)
         return outcome
 
-    def _record(self, job: Job, outcome: str, error: str | None, usage: Usage) -> None:
+    def _thread_started_with_mention(self, q: Question) -> bool:
+        """Follow-ups: is this channel thread one the bot was mentioned in at its start?"""
+        if not self.bot_threads.add(f"{q.channel}:{q.thread_ts}"):
+            return True  # the bot has answered in this thread already
+        try:
+            root = fetch_thread(self.web, channel=q.channel, thread_ts=q.thread_ts, max_messages=1)[:1]
+        except SlackClientError:
+            root = []
+        started = bool(root) and f"<@{self.me.user_id}" in (root[0].get("text") or "")
+        if not started:
+            self.bot_threads.forget(f"{q.channel}:{q.thread_ts}")
+        return started
+
+    def _record(self, job: Job, outcome: str, error: str | None, usage: Usage, sections: int) -> None:
         latency = time.monotonic() - job.received
+        cost = usage.cost_usd(self.config)
+        self.limits.spend(job.question.user, cost)
         ANSWERS.labels(outcome=outcome).inc()
         ANSWER_DURATION.observe(latency)
         LLM_TOKENS.labels(kind="prompt").inc(usage.prompt_tokens)
         LLM_TOKENS.labels(kind="completion").inc(usage.completion_tokens)
+        LLM_COST.inc(cost)
         log_event(
             logging.INFO if outcome == "ok" else logging.WARNING, "answer",
-            ref=job.ref, event_id=job.question.event_id, channel=job.question.channel, user=job.question.user,
-            kind=job.question.kind, outcome=outcome, latency_ms=round(latency * 1000),
-            tokens={"prompt": usage.prompt_tokens, "completion": usage.completion_tokens},
-            error=error,
+            ref=job.ref, channel=job.question.channel, user=job.question.user,
+            latency_ms=round(latency * 1000),
+            tokens={"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "cached": usage.cached_tokens},
+            cost_usd=round(cost, 6), outcome=outcome, error=error,
+            event_id=job.question.event_id, kind=job.question.kind, knowledge_sections=sections,
         )
 
 
@@ -958,6 +1463,10 @@ class SeenSet:
             for k in keys:
                 self._items[k] = now
             return True
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
 
 
 class WorkerPool:
@@ -1040,13 +1549,15 @@ class WorkerPool:
 class Bot:
     """Wires Socket Mode to the worker pool and keeps /ready honest about the connection."""
 
-    def __init__(self, config: Config, web: WebClient, me: BotIdentity, health: Health):
+    def __init__(self, config: Config, web: WebClient, me: BotIdentity, health: Health, knowledge: KnowledgeBase):
         self.config = config
         self.web = web
         self.me = me
         self.health = health
-        self.answerer = Answerer(config, web, me)
+        self.limits = Limits(config)
+        self.answerer = Answerer(config, web, me, knowledge, self.limits)
         self.seen = SeenSet()
+        self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
         self.pool = WorkerPool(self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size)
         stuck_after = (config.ledger_bot_llm_timeout_seconds * (config.ledger_bot_llm_max_retries + 1)
                        + ANSWER_HARD_LIMIT_SECONDS + 60)
@@ -1149,6 +1660,11 @@ class Bot:
         return time.monotonic()
 
     def dispatch(self, envelope_type: str, payload: dict, received: float, retry_attempt: int | None = None) -> None:
+        """Decide what to do with one acked envelope: ignore, drop as duplicate, refuse with a
+        notice (not allowed, rate limited, over budget, busy), or queue for a worker."""
+        if envelope_type == "interactive" and payload.get("type") == "block_actions":
+            self._on_block_actions(payload)
+            return
         if envelope_type != "events_api":
             EVENTS.labels(type="other", outcome="ignored").inc()
             log_event(logging.DEBUG, "envelope_ignored", envelope_type=envelope_type)
@@ -1163,7 +1679,8 @@ class Bot:
             EVENTS.labels(type=metric_type, outcome="rejected").inc()
             log_event(logging.WARNING, "event_rejected", event_id=event_id, reason="malformed", error=str(e))
             return
-        verdict = classify_event(event_type, event, event_id, str(payload.get("team_id") or ""), self.me)
+        verdict = classify_event(event_type, event, event_id, str(payload.get("team_id") or ""), self.me,
+                                 follow_ups=self.config.ledger_bot_follow_ups)
         if isinstance(verdict, Ignored):
             EVENTS.labels(type=metric_type, outcome="ignored").inc()
             log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
@@ -1176,19 +1693,64 @@ class Bot:
                       retry_attempt=retry_attempt)
             return
         job = Job(verdict, received)
-        if not self.pool.submit(job):
+        refusal = self._refusal(verdict)
+        if refusal is None and not self.pool.submit(job):
+            refusal = ("busy", BUSY_NOTICE)
+        if refusal is not None:
+            outcome, notice = refusal
             EVENTS.labels(type=metric_type, outcome="rejected").inc()
-            ANSWERS.labels(outcome="busy").inc()
-            log_event(logging.WARNING, "answer", ref=job.ref, event_id=event_id, channel=verdict.channel,
-                      user=verdict.user, outcome="busy", latency_ms=0)
-            with contextlib.suppress(SlackClientError):
-                post_message(self.web, channel=verdict.channel, thread_ts=verdict.thread_ts,
-                             markdown=f"{BUSY_NOTICE} (ref `{job.ref}`)", metadata_type=NOTICE_METADATA, ref=job.ref)
+            self._refuse(job, outcome, notice)
             return
         EVENTS.labels(type=metric_type, outcome="accepted").inc()
         log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=event_id, channel=verdict.channel,
                   user=verdict.user, kind=verdict.kind, retry_attempt=retry_attempt)
         log_event(logging.DEBUG, "question_text", ref=job.ref, text=verdict.text)
+
+    def _refusal(self, q: Question) -> tuple[str, str | None] | None:
+        """Why this question is not taken (outcome, notice or None to stay silent), or None."""
+        c = self.config
+        channel_ok = not c.ledger_bot_allowed_channels or q.kind == "dm" or q.channel in c.ledger_bot_allowed_channels
+        user_ok = not c.ledger_bot_allowed_users or q.user in c.ledger_bot_allowed_users
+        if not (channel_ok and user_ok):
+            # Say it once a day per channel (or per user in DMs), not on every message.
+            where = q.user if q.kind == "dm" or channel_ok else q.channel
+            return "not_allowed", NOT_ALLOWED_NOTICE if self.told_not_allowed.add(where) else None
+        if q.kind == "followup":
+            return None  # not yet known to be for the bot; limits apply once it is answered
+        return self.limits.admit(q.user)
+
+    def _refuse(self, job: Job, outcome: str, notice: str | None) -> None:
+        q = job.question
+        ANSWERS.labels(outcome=outcome).inc()
+        log_event(logging.WARNING if outcome == "busy" else logging.INFO, "answer", ref=job.ref, channel=q.channel,
+                  user=q.user, latency_ms=0, outcome=outcome, event_id=q.event_id, kind=q.kind)
+        if notice:
+            try:
+                post_message(self.web, channel=q.channel, thread_ts=q.thread_ts, markdown=f"{notice} (ref `{job.ref}`)",
+                             metadata_type=NOTICE_METADATA, ref=job.ref)
+            except SlackClientError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
+
+    def _on_block_actions(self, payload: dict) -> None:
+        """👍/👎 clicks: count, log with the answer's ref, thank the clicker ephemerally."""
+        actions = payload.get("actions") or []
+        action = actions[0] if actions and isinstance(actions[0], dict) else {}
+        value = FEEDBACK_ACTIONS.get(str(action.get("action_id")))
+        if value is None:
+            EVENTS.labels(type="block_actions", outcome="ignored").inc()
+            return
+        EVENTS.labels(type="block_actions", outcome="accepted").inc()
+        FEEDBACK.labels(value=value).inc()
+        user = str((payload.get("user") or {}).get("id") or "")
+        channel = str((payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id") or "")
+        message = payload.get("message") or {}
+        log_event(logging.INFO, "feedback", ref=str(action.get("value") or ""), value=value, channel=channel, user=user)
+        if channel and user:
+            try:
+                self.web.chat_postEphemeral(channel=channel, user=user, thread_ts=message.get("thread_ts") or None,
+                                            text="Thanks for the feedback! It helps the BOR Write team improve my answers.")
+            except SlackClientError as e:
+                log_event(logging.WARNING, "feedback_thanks_failed", error=_slack_error_code(e))
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -1307,6 +1869,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
 
 
 def _serve(config: Config, health: Health, stop: threading.Event) -> int:
+    knowledge = KnowledgeBase(load_knowledge(config.knowledge_path))
+    log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path), sections=len(knowledge.sections))
     web = make_web_client(config)
     me = None
     delay = 1.0
@@ -1329,7 +1893,7 @@ def _serve(config: Config, health: Health, stop: threading.Event) -> int:
         log_event(logging.INFO, "stopped", reason="signal before start-up completed")
         return 0
     log_event(logging.INFO, "identity", user=me.user_id, bot_id=me.bot_id, team=me.team_id)
-    bot = Bot(config, web, me, health)
+    bot = Bot(config, web, me, health, knowledge)
     try:
         if not bot.connect(stop):
             bot.shutdown(config.ledger_bot_shutdown_grace_seconds)

@@ -76,6 +76,7 @@ def env(slack, gateway):
         "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "5",
         "LEDGER_BOT_LLM_MAX_RETRIES": "0",
         "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS": "10",
+        "LEDGER_BOT_USER_RATE_LIMIT": "0",  # tests ask many questions as one user; limits have their own tests
         "LEDGER_BOT_KNOWLEDGE": str(ROOT / "knowledge"),
     }
 
@@ -95,7 +96,11 @@ class RunningBot:
         return http_get(self.health_url + path)
 
     def wait_ready(self, timeout: float = 15) -> None:
-        wait_for(lambda: self.get("/ready")[0] == 200, timeout, "/ready 200")
+        def ready() -> bool:
+            assert self.thread.is_alive(), f"bot exited with {self.result.get('exit')} before it was ready"
+            return self.get("/ready")[0] == 200
+
+        wait_for(ready, timeout, "/ready 200")
 
     def stop(self, timeout: float = 30) -> int:
         self.stop_event.set()

@@ -56,6 +56,8 @@ PROFILES = {
     "probe": Profile(ttft=0.2, tps=200, tokens=10, marker_every=5),
     # 100 concurrent questions x 2 s of gateway latency.
     "burst": Profile(ttft=2.0, tps=400, tokens=20, marker_every=10),
+    # client_cpu.py: a long answer delivered as fast as the client reads it.
+    "chunky": Profile(ttft=0.0, tps=100000, tokens=200, marker_every=10),
     # Soak / ceiling: short answers, fast gateway.
     "fast": Profile(ttft=0.0, tps=2000, tokens=12, marker_every=6),
 }

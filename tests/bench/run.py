@@ -24,6 +24,7 @@ implementations run at the same concurrency setting (100 workers; ledger-bot que
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -70,6 +71,7 @@ TARGETS = {  # metric -> (human target, check(bot_value) -> bool)
     "token_visible_p50_ms": ("<= 300 ms", lambda v: v <= 300),
     "token_visible_p95_ms": ("-", None),
     "cpu_ms_per_answer": ("<= 25 ms", lambda v: v <= 25),
+    "load_cpu_ms_per_long_answer": ("-", None),
     "burst_wall_s": ("<= 4 s", lambda v: v <= 4),
     "burst_answer_p50_s": ("-", None),
     "soak_answers_per_s": ("report", None),
@@ -99,7 +101,7 @@ class Impl:
         self.name, self.argv, self.env, self.has_health = name, argv, env, has_health
 
 
-def impls(bot_path: Path) -> list[Impl]:
+def impls(bot_path: Path, bot_env: dict | None = None) -> list[Impl]:
     common = {**SECRETS, "LOG_LEVEL": "WARNING", "LEDGER_BOT_MODEL": "bedrock-claude-4.5-sonnet"}
     bot = Impl("ledger-bot", [sys.executable, str(bot_path)], {
         **common, "LOG_FORMAT": "json",
@@ -107,6 +109,7 @@ def impls(bot_path: Path) -> list[Impl]:
         "LEDGER_BOT_KNOWLEDGE": str(HERE / "knowledge"),
         "LEDGER_BOT_USER_RATE_LIMIT": "0", "LEDGER_BOT_DAILY_BUDGET_USD": "0",
         "LEDGER_BOT_USER_DAILY_BUDGET_USD": "0", "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "30",
+        **(bot_env or {}),
     }, True)
     base = Impl("baseline", [sys.executable, str(HERE / "baseline_bot.py")], {
         **common, "BASELINE_WORKERS": str(CONCURRENCY),
@@ -259,6 +262,7 @@ class Run:
     def load(self) -> None:
         """50 long answers in flight, then 100 probes 30 ms apart."""
         self.gateway.take()
+        c0 = self.cpu()
         longs = [self.ask("long") for _ in range(50)]
         time.sleep(0.5)
         probes = []
@@ -268,6 +272,7 @@ class Run:
         in_flight = sum(1 for q in longs if q not in self.slack.done)  # still streaming when probing ended
         ok = self.wait(longs + probes, 90)
         emitted, _ = self.gateway.take()
+        self.res["load_cpu_ms_per_long_answer"] = (self.cpu() - c0) * 1000 / 50  # probes' share is small
         acks, fb = self.acks_ms(probes), self.feedback_ms(longs + probes)
         tv = self.token_visible_ms(longs, emitted)
         self.res.update({
@@ -303,7 +308,10 @@ class Run:
         base = slack.finished()
         while len(qids) < n:
             with slack.cond:
+                stalled_at = time.monotonic()
                 while len(qids) - (slack.finished() - base) >= window:
+                    if time.monotonic() - stalled_at > 60:
+                        raise RuntimeError(f"soak stalled: no answer finished for 60 s ({len(qids)} sent)")
                     slack.cond.wait(0.5)
             qids.append(self.ask("fast"))
             if rss_warm is None and len(qids) >= warm_at:
@@ -336,14 +344,42 @@ class Run:
         self.gateway.take()
 
 
-def run_one(impl: Impl, gateway: GatewayProcess, logdir: Path, tag: str, soak_n: int) -> dict:
+class Profiler:
+    """``py-spy record --gil`` of the bot for one phase (``--profile``): folded stacks of whichever
+    thread holds the GIL, i.e. where the one core the process can use goes."""
+
+    def __init__(self, run: Run, enabled: bool):
+        self.run, self.enabled = run, enabled
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        out = self.run.log_path.with_suffix(f".pyspy-{name}.txt")
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(self.run.proc.pid),
+                                "-r", "250", "--gil", "-f", "raw", "-o", str(out), "--nonblocking", "-d", "600"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+
+
+def run_one(impl: Impl, gateway: GatewayProcess, logdir: Path, tag: str, soak_n: int, profile: bool = False) -> dict:
     r = Run(impl, gateway, logdir, tag)
+    prof = Profiler(r, profile)
     try:
         r.start()
         r.warm_up()
-        r.load()
-        r.burst()
-        r.soak(soak_n)
+        with prof.phase("load"):
+            r.load()
+        with prof.phase("burst"):
+            r.burst()
+        with prof.phase("soak"):
+            r.soak(soak_n)
     finally:
         if r.proc is not None:
             r.stop()
@@ -397,6 +433,9 @@ def main() -> int:
     ap.add_argument("--bot", type=Path, default=ROOT / "ledger_bot.py", help="ledger_bot.py to run (e.g. a patched copy)")
     ap.add_argument("--only", choices=["ledger-bot", "baseline"], help="run one implementation (no ratios)")
     ap.add_argument("--label", default="", help="added to the results file name")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for ledger-bot (e.g. LEDGER_BOT_STREAM_FLUSH_SECONDS=0.2)")
+    ap.add_argument("--profile", action="store_true", help="py-spy record each phase (results/<run>/*.pyspy-*.txt)")
     args = ap.parse_args()
 
     results_dir = HERE / "results"
@@ -410,14 +449,14 @@ def main() -> int:
         "git_head": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "streaming_in_bot": b"startStream" in bot_src or b"chat_startStream" in bot_src,
         "python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "concurrency": CONCURRENCY, "rounds": args.rounds,
+        "concurrency": CONCURRENCY, "rounds": args.rounds, "bot_env": args.env,
     }
     gateway = GatewayProcess()
     rounds: list[dict] = []
     try:
         for i in range(args.rounds):
             soak_n = args.soak or (1000 if args.quick or i > 0 else 10_000)
-            order = impls(args.bot)
+            order = impls(args.bot, dict(kv.split("=", 1) for kv in args.env))
             if i % 2:
                 order.reverse()  # alternate who goes first: the box warms up, neighbours come and go
             if args.only:
@@ -426,7 +465,7 @@ def main() -> int:
             for impl in order:
                 t = time.monotonic()
                 print(f"round {i + 1}/{args.rounds}: {impl.name} (soak {soak_n}) ...", file=sys.stderr, flush=True)
-                rnd[impl.name] = run_one(impl, gateway, logdir, f"r{i + 1}", soak_n)
+                rnd[impl.name] = run_one(impl, gateway, logdir, f"r{i + 1}", soak_n, args.profile)
                 print(f"  done in {time.monotonic() - t:.0f}s: " + json.dumps(
                     {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rnd[impl.name].items() if not k.startswith("_")}),
                     file=sys.stderr, flush=True)
