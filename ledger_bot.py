@@ -1772,7 +1772,9 @@ class Bot:
         if not drained:
             log_event(logging.ERROR, "drain_timeout", unfinished=self.pool.pending())
         if closer is not None:
-            closer.join(timeout=5)
+            # close() drops the socket within milliseconds, then spends 2-3 s joining slack_sdk's
+            # timer threads; those are daemons and need not delay the exit.
+            closer.join(timeout=1)
         self._set_connected(False)
         return drained
 

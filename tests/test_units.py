@@ -1,0 +1,216 @@
+"""The pure parts, tested directly: configuration, redaction, event classification, thread ->
+LLM messages, splitting long answers, knowledge selection, limits."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+import ledger_bot as lb
+from conftest import SECRETS
+
+ME = lb.BotIdentity(user_id="UBOT", bot_id="BBOT", team_id="T1")
+VALID = {**SECRETS, "LITELLM_BASE_URL": "https://llm.example.com/api/v2"}
+
+
+# ── configuration ────────────────────────────────────────────────────────────────────────
+
+
+def test_valid_config_uses_documented_defaults():
+    config = lb.load_config(VALID)
+    assert config.ledger_bot_model == "bedrock-claude-4.5-sonnet"
+    assert config.health_port == 8080 and config.ledger_bot_shutdown_grace_seconds == 20
+    assert config.knowledge_path == lb.DEFAULT_KNOWLEDGE
+
+
+def test_every_bad_variable_is_reported_at_once_without_its_value():
+    env = {"SLACK_BOT_TOKEN": "xoxp-NOT-A-BOT-TOKEN-SECRET", "HEALTH_PORT": "eighty", "LEDGER_BOT_WORKERS": "0",
+           "LEDGER_BOT_STREAMING": "maybe", "LEDGER_BOT_KNOWLEDGE": "/no/such/dir"}
+    with pytest.raises(lb.ConfigError) as err:
+        lb.load_config(env)
+    named = [p.split(":")[0] for p in err.value.problems]
+    assert named == ["SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY", "LITELLM_BASE_URL", "HEALTH_PORT",
+                     "LEDGER_BOT_WORKERS", "LEDGER_BOT_STREAMING", "LEDGER_BOT_KNOWLEDGE"]
+    assert "NOT-A-BOT-TOKEN" not in str(err.value.problems)
+
+
+def test_lists_booleans_and_case_are_parsed_as_people_write_them():
+    config = lb.load_config({**VALID, "LEDGER_BOT_ALLOWED_CHANNELS": " C1, C2 ,", "LEDGER_BOT_FOLLOW_UPS": "TRUE",
+                             "LOG_LEVEL": "debug"})
+    assert config.ledger_bot_allowed_channels == ("C1", "C2")
+    assert config.ledger_bot_follow_ups is True and config.log_level == "DEBUG"
+
+
+# ── redaction ────────────────────────────────────────────────────────────────────────────
+
+
+def test_log_lines_redact_configured_secrets_and_token_shapes():
+    redactor = lb.Redactor()
+    redactor.add_secrets("plain-gateway-key-123")
+    line = redactor("key=plain-gateway-key-123 auth=Bearer abcdef123456 xoxb-9-9-zz xapp-1-A-b ticket=tkt-1 sk-abcdefgh")
+    assert "plain-gateway-key-123" not in line and "xoxb-9" not in line and "xapp-1" not in line
+    assert "abcdef123456" not in line and "tkt-1" not in line and "sk-abcdefgh" not in line
+    assert line.count(lb.REDACTED) == 6
+
+
+def test_json_log_lines_have_the_stable_keys():
+    stream = io.StringIO()
+    lb.setup_logging("INFO", "json", stream)
+    lb.log_event(logging.INFO, "answer", ref="lb-1", channel="C1", user="U1", latency_ms=5, outcome="ok",
+                 tokens={"prompt": 1}, cost_usd=0.1, error=None)
+    entry = json.loads(stream.getvalue())
+    assert list(entry)[:3] == ["ts", "level", "event"]
+    assert {k: entry[k] for k in ("event", "ref", "channel", "user", "outcome", "cost_usd")} == {
+        "event": "answer", "ref": "lb-1", "channel": "C1", "user": "U1", "outcome": "ok", "cost_usd": 0.1}
+
+
+# ── events ───────────────────────────────────────────────────────────────────────────────
+
+
+def event(**fields):
+    return lb.SlackEvent(**{"type": "app_mention", "channel": "C1", "user": "U1", "ts": "10.1", "text": "hi", **fields})
+
+
+@pytest.mark.parametrize(("kind", "fields", "reason"), [
+    ("message", {"type": "message", "channel_type": "channel"}, "not_addressed"),
+    ("message", {"type": "message", "channel_type": "channel", "text": "<@UBOT> hi"}, "mention_twin"),
+    ("message", {"type": "message", "channel_type": "im", "subtype": "message_changed"}, "subtype"),
+    ("message", {"type": "message", "channel_type": "im", "bot_id": "BOTHER"}, "bot"),
+    ("app_mention", {"user": "UBOT"}, "own_message"),
+    ("app_mention", {"user": ""}, "malformed"),
+    ("reaction_added", {}, "unsupported_event"),
+])
+def test_events_that_are_not_questions_are_ignored_with_a_reason(kind, fields, reason):
+    assert lb.classify_event(kind, event(**fields), "Ev1", "T1", ME) == lb.Ignored(reason)
+
+
+def test_thread_reply_in_a_channel_is_a_followup_only_when_enabled():
+    e = event(type="message", channel_type="channel", thread_ts="9.0")
+    assert lb.classify_event("message", e, "Ev1", "T1", ME) == lb.Ignored("not_addressed")
+    q = lb.classify_event("message", e, "Ev1", "T1", ME, follow_ups=True)
+    assert isinstance(q, lb.Question) and q.kind == "followup" and q.thread_ts == "9.0"
+
+
+def test_mention_replies_in_its_thread_or_starts_one():
+    top = lb.classify_event("app_mention", event(), "Ev1", "T1", ME)
+    inner = lb.classify_event("app_mention", event(thread_ts="9.0"), "Ev2", "T1", ME)
+    assert (top.thread_ts, top.in_thread) == ("10.1", False)
+    assert (inner.thread_ts, inner.in_thread) == ("9.0", True)
+
+
+# ── thread -> messages ───────────────────────────────────────────────────────────────────
+
+
+def question(text="<@UBOT> and now?", ts="20.0", thread_ts="1.0"):
+    return lb.Question(event_id="Ev", kind="mention", channel="C1", user="U2", team="T1", text=text, ts=ts,
+                       thread_ts=thread_ts, in_thread=True)
+
+
+def thread(n):
+    return [{"ts": f"{i + 1}.0", "user": "U1", "text": f"message {i}"} for i in range(n)]
+
+
+def test_history_is_bounded_oldest_first_and_the_question_always_stays():
+    msgs = lb.build_llm_messages(question=question(), thread=thread(19), me=ME, system_prompt="S",
+                                 max_messages=5, max_chars=100_000)
+    # consecutive user turns are merged into one
+    assert msgs[-1]["content"].endswith("<@U2>: and now?")
+    assert "message 15" in msgs[-1]["content"] and "message 14" not in msgs[-1]["content"]
+    tight = lb.build_llm_messages(question=question("<@UBOT> " + "q" * 1500), thread=thread(19), me=ME,
+                                  system_prompt="S", max_messages=50, max_chars=1000)
+    assert tight[-1]["content"] == "<@U2>: " + "q" * 1500
+
+
+def test_question_that_cannot_fit_the_token_budget_is_refused():
+    with pytest.raises(lb.QuestionTooLong):
+        lb.build_llm_messages(question=question("x" * 5000), thread=[], me=ME, system_prompt="S", max_messages=5,
+                              max_chars=100_000, token_budget=1000, count_tokens=len)
+
+
+def test_token_budget_drops_oldest_history_first():
+    msgs = lb.build_llm_messages(question=question(), thread=thread(10), me=ME, system_prompt="S", max_messages=50,
+                                 max_chars=100_000, token_budget=120, count_tokens=len)
+    assert "message 9" in msgs[-1]["content"] and "message 0" not in msgs[-1]["content"]
+
+
+# ── splitting ────────────────────────────────────────────────────────────────────────────
+
+
+def test_thirty_thousand_characters_with_code_blocks_split_within_limits_fences_balanced():
+    parts = []
+    for i in range(45):
+        parts.append(f"Step {i}: run the journal import for ledger {i}.\n")
+        parts.append("```sql\n" + "\n".join(f"select * from gl_je_lines where je_header_id = {i}{j};"
+                                          for j in range(12)) + "\n```\n")
+    text = "\n".join(parts)
+    assert len(text) > 30_000
+    pieces = lb.split_message(text, 12_000)
+    assert len(pieces) >= 3 and all(len(p) <= 12_000 for p in pieces)
+    assert all(p.count("```") % 2 == 0 for p in pieces)
+    # Nothing lost: every original line is there, in order.
+    lines = [ln for p in pieces for ln in p.split("\n") if not ln.startswith("```")]
+    assert [ln for ln in lines if ln] == [ln for ln in text.split("\n") if ln and not ln.startswith("```")]
+
+
+def test_a_cut_inside_a_code_block_closes_and_reopens_it_with_its_language():
+    text = "intro\n\n```python\n" + "\n".join(f"x{i} = {i}" for i in range(200)) + "\n```\nend"
+    first, second, *_ = lb.split_message(text, 500)
+    assert first.endswith("\n```") and second.startswith("```python\n")
+
+
+# ── knowledge ────────────────────────────────────────────────────────────────────────────
+
+
+def test_markdown_is_split_at_headings_but_not_inside_code():
+    sections = lb.split_sections("gl.md", "# GL\nintro\n## Journals\nimport them\n```\n# not a heading\n```\n")
+    assert [s.label for s in sections] == ["gl.md § GL", "gl.md § GL > Journals"]
+    assert "# not a heading" in sections[1].text
+
+
+def test_relevant_sections_are_chosen_when_the_whole_base_does_not_fit():
+    sections = [lb.Section("a.md", "Journal import", "journal import fails when the period is closed " * 5),
+                lb.Section("b.md", "FX revaluation", "revaluation uses the month end rate " * 5),
+                lb.Section("c.md", "Period close", "close the period after all journal batches post " * 5)]
+    tokens = [len(s.render()) for s in sections]
+    whole = lb.choose_knowledge(sections, tokens, "why did the journal import fail", sum(tokens))
+    assert whole.whole and len(whole.labels) == 3
+    some = lb.choose_knowledge(sections, tokens, "why did the journal import fail", tokens[0] + 10)
+    assert not some.whole and some.labels == ("a.md § Journal import",)
+
+
+# ── limits ───────────────────────────────────────────────────────────────────────────────
+
+
+def test_rate_limit_says_when_to_try_again_and_recovers_after_the_window():
+    now = [1_000_000.0]
+    limits = lb.Limits(lb.load_config({**VALID, "LEDGER_BOT_USER_RATE_LIMIT": "2"}), clock=lambda: now[0])
+    assert limits.admit("U1") is None and limits.admit("U1") is None
+    outcome, notice = limits.admit("U1")
+    assert outcome == "user_rate_limited" and "try again in 60 seconds" in notice
+    assert limits.admit("U2") is None
+    now[0] += 61
+    assert limits.admit("U1") is None
+
+
+def test_daily_budgets_per_user_and_in_total_reset_at_utc_midnight():
+    day = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    now = [day + 3600]
+    config = lb.load_config({**VALID, "LEDGER_BOT_USER_DAILY_BUDGET_USD": "1", "LEDGER_BOT_DAILY_BUDGET_USD": "3"})
+    limits = lb.Limits(config, clock=lambda: now[0])
+    limits.spend("U1", 1.0)
+    assert limits.admit("U1")[0] == "budget_exhausted" and limits.admit("U2") is None
+    limits.spend("U2", 2.5)
+    outcome, notice = limits.admit("U3")
+    assert outcome == "budget_exhausted" and "today's LLM budget" in notice
+    now[0] = day + 86_400 + 1
+    assert limits.admit("U1") is None
+
+
+def test_cost_uses_configured_prices_and_discounts_cached_tokens():
+    config = lb.load_config(VALID)
+    assert lb.Usage(prompt_tokens=1_000_000, completion_tokens=0).cost_usd(config) == pytest.approx(3.0)
+    assert lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000).cost_usd(config) == pytest.approx(0.3)
+    assert lb.Usage(completion_tokens=1_000_000).cost_usd(config) == pytest.approx(15.0)
