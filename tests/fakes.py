@@ -291,6 +291,7 @@ class FakeSlack:
             if "blocks" in p and "markdown_text" not in p:
                 msg.pop("markdown_text", None)
             msg["edited"] = True
+            msg["streaming"] = False  # updating a (dead) stream's message finalizes it
         return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
 
     def _m_chat_postEphemeral(self, p: dict) -> dict:
