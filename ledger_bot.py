@@ -282,10 +282,13 @@ def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
     logging.getLogger("slack_sdk").setLevel(level if level == "DEBUG" else "WARNING")
 
 
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
+
+
 def _tame_litellm_logging() -> None:
     """litellm's loggers carry their own stderr handler *and* propagate: every line twice and
     unredacted. Drop its handlers so its lines go through ours, once, redacted."""
-    for name in ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router"):
+    for name in LITELLM_LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
@@ -929,6 +932,10 @@ def _litellm() -> Any:
     if _litellm_module is None:
         with _litellm_lock:
             if _litellm_module is None:
+                # litellm attaches its own stdout handler while importing and logs through it
+                # at DEBUG; hold its loggers at WARNING until _tame_litellm_logging reroutes them.
+                for name in LITELLM_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.WARNING)
                 import litellm
 
                 _tame_litellm_logging()
