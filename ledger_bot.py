@@ -499,7 +499,7 @@ def update_message(
 def set_thinking_status(web: WebClient, *, channel: str, thread_ts: str) -> bool:
     """``assistant.threads.setStatus`` "is thinking…"; False if Slack refuses it.
 
-    The status clears itself when the bot replies in the thread.
+    The status clears itself when the bot replies in the thread, so it is never cleared by hand.
     """
     try:
         web.assistant_threads_setStatus(channel_id=channel, thread_ts=thread_ts, status="is thinking…")
@@ -507,14 +507,6 @@ def set_thinking_status(web: WebClient, *, channel: str, thread_ts: str) -> bool
     except SlackApiError as e:
         log_event(logging.DEBUG, "status_refused", channel=channel, error=e.response.get("error"))
         return False
-
-
-def clear_status(web: WebClient, *, channel: str, thread_ts: str) -> None:
-    """Clear the "thinking" status (an empty status); failures are logged, never raised."""
-    try:
-        web.assistant_threads_setStatus(channel_id=channel, thread_ts=thread_ts, status="")
-    except SlackClientError as e:
-        log_event(logging.DEBUG, "status_clear_failed", channel=channel, error=_slack_error_code(e))
 
 
 def _slack_error_code(e: BaseException) -> str:
@@ -1128,7 +1120,6 @@ class Reply:
         self.last_flush = 0.0
         self.last_update = 0.0
         self.shown_any = False
-        self.messages_posted = 0
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1213,7 +1204,6 @@ class Reply:
             blocks=feedback_blocks(self.ref) if feedback else None,
             metadata={"event_type": metadata_type, "event_payload": {"ref": self.ref}})
         self.visible_ts, self.visible_text, self.stream_open = None, "", False
-        self.messages_posted += 1
 
     def _flush_messages(self, final: bool, metadata_type: str, feedback: bool) -> None:
         """Without a stream: grow the visible message in place while it fits (chat.update, at
@@ -1252,7 +1242,6 @@ class Reply:
                          metadata_type=metadata_type, ref=self.ref,
                          extra_blocks=feedback_blocks(self.ref) if feedback and i == len(rest) - 1 else None)
             self._shown(piece)
-            self.messages_posted += 1
         self.pending = ""
 
 
@@ -1553,6 +1542,9 @@ class WorkerPool:
         return f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}" if stuck else None
 
 
+_ENVELOPE_ID = re.compile(r'"envelope_id"\s*:\s*"([^"]+)"')
+
+
 class Bot:
     """Wires Socket Mode to the worker pool and keeps /ready honest about the connection."""
 
@@ -1610,10 +1602,9 @@ class Bot:
         (an exception here drops the rest of that read's frames)."""
         try:
             now = time.monotonic()
-            if '"envelope_id"' in raw[:200] or '"envelope_id"' in raw:
-                m = re.search(r'"envelope_id"\s*:\s*"([^"]+)"', raw)
-                if m:
-                    self._frame_arrivals.append((m.group(1), now))
+            m = _ENVELOPE_ID.search(raw)
+            if m:
+                self._frame_arrivals.append((m.group(1), now))
             if '"hello"' in raw:
                 if json.loads(raw).get("type") == "hello":
                     self._hellos += 1

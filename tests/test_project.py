@@ -1,0 +1,86 @@
+"""The project's own files agree with the code: README, .env.example, the Slack app manifest."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import msgspec
+import yaml
+
+import ledger_bot as lb
+from conftest import ROOT
+
+ENV_VARS = {f.name.upper() for f in msgspec.structs.fields(lb.Config)}
+SOURCE = (ROOT / "ledger_bot.py").read_text(encoding="utf-8")
+
+# Slack Web API methods -> the bot scopes they need (docs.slack.dev/reference/methods/...).
+# assistant.threads.setStatus accepts chat:write (assistant:write is only needed for the
+# assistant side panel); conversations.replies needs the history scope of the conversation type.
+SCOPES_FOR_METHOD = {
+    "auth_test": set(),
+    "apps_connections_open": set(),  # app-level token, connections:write
+    "chat_postMessage": {"chat:write"},
+    "chat_update": {"chat:write"},
+    "chat_postEphemeral": {"chat:write"},
+    "chat_startStream": {"chat:write"},
+    "chat_appendStream": {"chat:write"},
+    "chat_stopStream": {"chat:write"},
+    "assistant_threads_setStatus": {"chat:write"},
+    "conversations_replies": {"channels:history", "groups:history", "im:history"},
+}
+EVENTS_HANDLED = {"app_mention": {"app_mentions:read"}, "message.im": {"im:history"},
+                  "message.channels": {"channels:history"}, "message.groups": {"groups:history"}}
+
+
+def test_readme_configuration_table_lists_exactly_the_config_variables():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
+    assert table == ENV_VARS
+
+
+def test_env_example_lists_every_variable_and_nothing_else():
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
+    assert named == ENV_VARS
+    required = {f.name.upper() for f in msgspec.structs.fields(lb.Config) if f.required}
+    assert required == set(re.findall(r"^([A-Z][A-Z0-9_]+)=", example, re.M))
+
+
+def test_defaults_in_readme_match_the_code():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for field in msgspec.structs.fields(lb.Config):
+        if field.required or not isinstance(field.default, (int, float)) or isinstance(field.default, bool):
+            continue
+        row = re.search(rf"^\| `{field.name.upper()}` \| `([^`]+)` \|", readme, re.M)
+        assert row, field.name
+        assert float(row.group(1)) == float(field.default), field.name
+
+
+def test_manifest_declares_exactly_the_scopes_and_events_the_code_uses():
+    manifest = yaml.safe_load((ROOT / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
+    called = set(re.findall(r"\bweb\.(\w+)\(", SOURCE)) | {"apps_connections_open"}  # via SocketModeClient
+    assert called <= SCOPES_FOR_METHOD.keys(), called - SCOPES_FOR_METHOD.keys()
+    events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
+    assert events == set(EVENTS_HANDLED)
+    needed = set().union(*(SCOPES_FOR_METHOD[m] for m in called), *EVENTS_HANDLED.values())
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == needed
+    assert manifest["settings"]["socket_mode_enabled"] is True
+    assert manifest["settings"]["interactivity"]["is_enabled"] is True  # feedback buttons
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    test_command = next(line for line in readme.splitlines() if line.endswith("-m pytest"))
+    assert test_command in ci.splitlines()
+
+
+def test_help_and_version_work_without_any_configuration():
+    out = subprocess.run([sys.executable, str(ROOT / "ledger_bot.py"), "--help"], capture_output=True, text=True,
+                         env={}, timeout=30)
+    assert out.returncode == 0 and "--check" in out.stdout
+    version = subprocess.run([sys.executable, str(ROOT / "ledger_bot.py"), "--version"], capture_output=True,
+                             text=True, env={}, timeout=30)
+    assert version.stdout.strip() == f"ledger-bot {lb.__version__}"
