@@ -52,6 +52,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -406,7 +407,8 @@ class HealthServer(http.server.ThreadingHTTPServer):
         self.health = health
 
     def start(self) -> HealthServer:
-        threading.Thread(target=self.serve_forever, name="health-http", daemon=True).start()
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="health-http",
+                         daemon=True).start()
         return self
 
 
@@ -1760,8 +1762,13 @@ class Bot:
         self.health.stopping = True
         closer = None
         if self.client is not None:
-            # close() takes 2-3 s; run it alongside the drain. Unacked events go elsewhere.
+            # Close the socket first, so Slack sends new events to other connections. slack_sdk's
+            # close() waits for its reader, which sits in recv() for up to 3 s; shutting the raw
+            # socket down wakes that recv at once. Then close() joins slack_sdk's timer threads
+            # for another 2-3 s: it runs alongside the drain, and those are daemon threads.
             client = self.client
+            with contextlib.suppress(Exception):
+                client.current_session.sock.shutdown(socket.SHUT_RDWR)
             closer = threading.Thread(target=client.close, name="socket-close", daemon=True)
             closer.start()
         pending = self.pool.pending()
@@ -1771,8 +1778,10 @@ class Bot:
             log_event(logging.ERROR, "drain_timeout", unfinished=self.pool.pending())
         if closer is not None:
             # close() drops the socket within milliseconds, then spends 2-3 s joining slack_sdk's
-            # timer threads; those are daemons and need not delay the exit.
-            closer.join(timeout=1)
+            # timer threads; those are daemons, so only the socket itself is waited for.
+            deadline = time.monotonic() + 3.5
+            while self.client.is_connected() and closer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._set_connected(False)
         return drained
 
