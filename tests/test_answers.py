@@ -55,6 +55,17 @@ def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_double
     assert len(slack.calls_to("chat.startStream")) == 1 and slack.calls_to("chat.update")
 
 
+def test_gateway_dropping_mid_answer_ends_the_stream_with_a_notice_not_a_spinner(start_bot, slack, socket_mode, gateway):
+    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="1")
+    gateway.script(Script(text="Partial answer that gets cut off here", chunk_size=8, cut_after_chunks=2))
+    msg, _ = mention(slack, socket_mode)
+    texts = replies(slack, "C100", msg["ts"])
+    assert len(texts) == 1 and texts[0].startswith("Partial answer ")
+    assert "gateway is down or returned an error" in texts[0] and "ref `lb-" in texts[0]
+    stop = slack.calls_to("chat.stopStream")[0].params
+    assert stop["metadata"]["event_type"] == "ledger_bot_notice" and "blocks" not in stop
+
+
 def test_stream_refused_from_the_start_falls_back_to_posting(start_bot, slack, socket_mode, gateway):
     start_bot()
     slack.fail("chat.startStream", error="method_not_supported_for_channel_type", times=10)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 
 import pytest
 
 import ledger_bot as lb
 from conftest import SECRETS
+from fakes import wait_for
 
 ME = lb.BotIdentity(user_id="UBOT", bot_id="BBOT", team_id="T1")
 VALID = {**SECRETS, "LITELLM_BASE_URL": "https://llm.example.com/api/v2"}
@@ -214,3 +216,28 @@ def test_cost_uses_configured_prices_and_discounts_cached_tokens():
     assert lb.Usage(prompt_tokens=1_000_000, completion_tokens=0).cost_usd(config) == pytest.approx(3.0)
     assert lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000).cost_usd(config) == pytest.approx(0.3)
     assert lb.Usage(completion_tokens=1_000_000).cost_usd(config) == pytest.approx(15.0)
+
+
+# ── health ───────────────────────────────────────────────────────────────────────────────
+
+
+def test_health_turns_503_when_a_worker_is_stuck_and_recovers_when_it_finishes():
+    release = threading.Event()
+    pool = lb.WorkerPool(lambda job: release.wait(10), workers=1, queue_size=1)
+    health = lb.Health()
+    health.liveness_checks.append(lambda: pool.problem(stuck_after=0.05))
+    assert health.live()[0] is True
+    assert pool.submit(lb.Job(question=None, received=0.0))
+    ok, body = wait_for(lambda: (r := health.live()) and not r[0] and r, 5, "a stuck worker reported")
+    assert body["status"] == "unhealthy" and "stuck" in body["problems"][0]
+    release.set()
+    wait_for(lambda: health.live()[0], 5, "healthy again")
+
+
+def test_ready_only_while_connected_and_never_after_stop_begins():
+    health = lb.Health()
+    assert health.ready() == (False, {"status": "not_ready", "reason": "not connected to Slack Socket Mode"})
+    health.connected = True
+    assert health.ready()[0] is True
+    health.stopping = True
+    assert health.ready()[0] is False and health.ready()[1]["status"] == "stopping"
