@@ -469,6 +469,13 @@ def fetch_thread(web: WebClient, *, channel: str, thread_ts: str, max_messages: 
     return messages
 
 
+def fetch_thread_root(web: WebClient, *, channel: str, thread_ts: str) -> dict | None:
+    """The first message of a thread (``conversations.replies`` limit 1), or None if gone."""
+    resp = web.conversations_replies(channel=channel, ts=thread_ts, limit=1)
+    messages = resp.get("messages") or []
+    return messages[0] if messages else None
+
+
 def post_message(
     web: WebClient, *, channel: str, thread_ts: str, markdown: str, metadata_type: str, ref: str,
     extra_blocks: list[dict] | None = None,
@@ -1359,9 +1366,14 @@ class Answerer:
         """Answer ``job``; returns the outcome (also logged and counted)."""
         q = job.question
         c = self.config
-        if q.kind == "followup" and not self._thread_started_with_mention(q):
-            log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
-            return "ignored"
+        if q.kind == "followup":
+            if not self._thread_started_with_mention(q):
+                log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
+                return "ignored"
+            refusal = self.limits.admit(q.user)
+            if refusal is not None:
+                self.refuse(job, *refusal)
+                return refusal[0]
         usage = Usage()
         reply = Reply(self.web, q, job.ref, streaming=c.ledger_bot_streaming,
                       flush_chars=c.ledger_bot_stream_flush_chars, flush_seconds=c.ledger_bot_stream_flush_seconds,
@@ -1404,15 +1416,28 @@ class Answerer:
         self._record(job, outcome, error, usage, sections)
         return outcome
 
+    def refuse(self, job: Job, outcome: str, notice: str | None) -> None:
+        """Turn a question away: count and log it, and post ``notice`` (if any) in its thread."""
+        q = job.question
+        ANSWERS.labels(outcome=outcome).inc()
+        log_event(logging.WARNING if outcome == "busy" else logging.INFO, "answer", ref=job.ref, channel=q.channel,
+                  user=q.user, latency_ms=0, outcome=outcome, event_id=q.event_id, kind=q.kind)
+        if notice:
+            try:
+                post_message(self.web, channel=q.channel, thread_ts=q.thread_ts, markdown=f"{notice} (ref `{job.ref}`)",
+                             metadata_type=NOTICE_METADATA, ref=job.ref)
+            except SlackClientError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
+
     def _thread_started_with_mention(self, q: Question) -> bool:
         """Follow-ups: is this channel thread one the bot was mentioned in at its start?"""
         if not self.bot_threads.add(f"{q.channel}:{q.thread_ts}"):
             return True  # the bot has answered in this thread already
         try:
-            root = fetch_thread(self.web, channel=q.channel, thread_ts=q.thread_ts, max_messages=1)[:1]
+            root = fetch_thread_root(self.web, channel=q.channel, thread_ts=q.thread_ts)
         except SlackClientError:
-            root = []
-        started = bool(root) and f"<@{self.me.user_id}" in (root[0].get("text") or "")
+            root = None
+        started = root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
         if not started:
             self.bot_threads.forget(f"{q.channel}:{q.thread_ts}")
         return started
@@ -1699,7 +1724,7 @@ class Bot:
         if refusal is not None:
             outcome, notice = refusal
             EVENTS.labels(type=metric_type, outcome="rejected").inc()
-            self._refuse(job, outcome, notice)
+            self.answerer.refuse(job, outcome, notice)
             return
         EVENTS.labels(type=metric_type, outcome="accepted").inc()
         log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=event_id, channel=verdict.channel,
@@ -1716,20 +1741,8 @@ class Bot:
             where = q.user if q.kind == "dm" or channel_ok else q.channel
             return "not_allowed", NOT_ALLOWED_NOTICE if self.told_not_allowed.add(where) else None
         if q.kind == "followup":
-            return None  # not yet known to be for the bot; limits apply once it is answered
+            return None  # not yet known to be for the bot: the worker checks, then applies the limits
         return self.limits.admit(q.user)
-
-    def _refuse(self, job: Job, outcome: str, notice: str | None) -> None:
-        q = job.question
-        ANSWERS.labels(outcome=outcome).inc()
-        log_event(logging.WARNING if outcome == "busy" else logging.INFO, "answer", ref=job.ref, channel=q.channel,
-                  user=q.user, latency_ms=0, outcome=outcome, event_id=q.event_id, kind=q.kind)
-        if notice:
-            try:
-                post_message(self.web, channel=q.channel, thread_ts=q.thread_ts, markdown=f"{notice} (ref `{job.ref}`)",
-                             metadata_type=NOTICE_METADATA, ref=job.ref)
-            except SlackClientError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
 
     def _on_block_actions(self, payload: dict) -> None:
         """👍/👎 clicks: count, log with the answer's ref, thank the clicker ephemerally."""
