@@ -1101,7 +1101,8 @@ class Reply:
     message that the answer then fills in. Text is streamed with chat.startStream /
     appendStream / stopStream, flushed when ``flush_chars`` are buffered or ``flush_seconds``
     have passed since the last flush (checked as text arrives; the first text goes at once),
-    and rolled over to a new message before Slack's 12,000-character limit. slack_sdk's
+    and rolled over to a new message before Slack's 12,000-character limit. A shared Flusher
+    thread flushes text that has waited ``flush_seconds`` while the model is silent. slack_sdk's
     ChatStream helper is not used because it flushes on size only and hides how much text
     reached Slack when a call fails.
 
@@ -1129,6 +1130,9 @@ class Reply:
         self.last_flush = 0.0
         self.last_update = 0.0
         self.shown_any = False
+        self.closed = False
+        # The worker adds text; the Flusher thread may flush it when the model goes quiet.
+        self.lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1142,21 +1146,40 @@ class Reply:
         self.use_stream = False
 
     def add(self, text: str) -> None:
-        self.pending += text
-        if (not self.shown_any or len(self.pending) >= self.flush_chars
-                or time.monotonic() - self.last_flush >= self.flush_seconds):
-            self._flush(final=False)
+        with self.lock:
+            self.pending += text
+            if not self.shown_any or len(self.pending) >= self.flush_chars or self._time_due():
+                self._flush(final=False)
+
+    def flush_if_due(self) -> None:
+        """Called by the Flusher thread: flush text that has waited ``flush_seconds`` while the
+        model is silent. Skips if the worker is busy with this reply right now."""
+        if self.lock.acquire(blocking=False):
+            try:
+                if self.pending and not self.closed and self._time_due():
+                    self._flush(final=False)
+            except SlackClientError:
+                pass  # the worker's next flush meets the same error and falls back
+            finally:
+                self.lock.release()
+
+    def _time_due(self) -> bool:
+        return time.monotonic() - self.last_flush >= self.flush_seconds
 
     def finish(self) -> None:
         """Deliver everything still pending and close the reply (feedback buttons last)."""
-        if not (self.shown_any or self.pending.strip()):
-            self.pending = EMPTY_ANSWER
-        self._flush(final=True, metadata_type=ANSWER_METADATA, feedback=self.feedback)
+        with self.lock:
+            self.closed = True
+            if not (self.shown_any or self.pending.strip()):
+                self.pending = EMPTY_ANSWER
+            self._flush(final=True, metadata_type=ANSWER_METADATA, feedback=self.feedback)
 
     def fail(self, notice: str) -> None:
         """End the reply with ``notice`` after whatever text was already shown."""
-        self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
-        self._flush(final=True, metadata_type=NOTICE_METADATA, feedback=False)
+        with self.lock:
+            self.closed = True
+            self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
+            self._flush(final=True, metadata_type=NOTICE_METADATA, feedback=False)
 
     # -- flushing ----------------------------------------------------------------------------
 
@@ -1252,6 +1275,39 @@ class Reply:
                          extra_blocks=feedback_blocks(self.ref) if feedback and i == len(rest) - 1 else None)
             self._shown(piece)
         self.pending = ""
+
+
+class Flusher:
+    """One thread for all replies: every ``interval`` it flushes replies whose buffered text
+    has waited too long because the model went quiet, so a slow model never leaves text
+    sitting in a buffer. Replies register while they are being written."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._replies: set[Reply] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="stream-flusher", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watching(self, reply: Reply) -> Iterator[Reply]:
+        with self._lock:
+            self._replies.add(reply)
+        try:
+            yield reply
+        finally:
+            with self._lock:
+                self._replies.discard(reply)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                replies = list(self._replies)
+            for reply in replies:
+                try:
+                    reply.flush_if_due()
+                except Exception:  # noqa: BLE001 - the flusher must outlive any one reply
+                    log.exception("flush_failed")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1361,6 +1417,7 @@ class Answerer:
         self.knowledge = knowledge
         self.limits = limits
         self.bot_threads = SeenSet(ttl_seconds=7 * 24 * 3600)  # threads the bot answered in
+        self.flusher = Flusher(interval=min(0.1, config.ledger_bot_stream_flush_seconds / 2))
 
     def answer(self, job: Job) -> str:
         """Answer ``job``; returns the outcome (also logged and counted)."""
@@ -1395,8 +1452,9 @@ class Answerer:
                 knowledge=choice, token_budget=c.ledger_bot_context_tokens - c.ledger_bot_max_output_tokens,
                 count_tokens=count)
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
-            for text in stream_completion(c, messages, usage):
-                reply.add(text)
+            with self.flusher.watching(reply):
+                for text in stream_completion(c, messages, usage):
+                    reply.add(text)
             reply.finish()
             self.bot_threads.add(f"{q.channel}:{q.thread_ts}")
         except QuestionTooLong:

@@ -371,6 +371,8 @@ class Script:
     chunk_size: int = 8
     hang: float = 0.0  # seconds to wait before answering at all
     cut_after_chunks: int | None = None  # drop the connection mid-stream
+    pause_after_chunks: int | None = None  # go quiet after this many chunks ...
+    pause: float = 0.0  # ... for this long
     prompt_tokens: int = 100
     completion_tokens: int = 20
     release: threading.Event | None = None  # wait for this before the first token
@@ -432,6 +434,8 @@ class FakeGateway:
                 raise ConnectionAbortedError("scripted cut")  # werkzeug drops the connection
             if n and s.chunk_delay:
                 self.shutdown.wait(s.chunk_delay)
+            if s.pause_after_chunks is not None and n == s.pause_after_chunks:
+                self.shutdown.wait(s.pause)
             delta = {"content": piece} if n else {"role": "assistant", "content": piece}
             yield _sse_line({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                              "model": body.get("model"), "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})

@@ -4,6 +4,7 @@ limits and metrics, through the fakes."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +41,20 @@ def test_streamed_answer_arrives_whole_and_in_order_with_time_based_flushes(star
     stop = slack.calls_to("chat.stopStream")[0].params
     assert stop["blocks"][0]["elements"][0]["action_id"] == "feedback_up"
     assert stop["metadata"]["event_type"] == "ledger_bot_answer"
+
+
+def test_text_buffered_when_the_model_goes_quiet_is_shown_without_waiting_for_more(
+        start_bot, slack, socket_mode, gateway):
+    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="100000", LEDGER_BOT_STREAM_FLUSH_SECONDS="0.3")
+    release = threading.Event()
+    gateway.script(Script(text="first second third fourth", chunk_size=6, pause_after_chunks=3, pause=30))
+    gateway.shutdown = release  # the pause ends when the test says so
+    msg, _ = mention(slack, socket_mode)
+    # The first chunk is shown at once; the next two arrive right after it and sit in the
+    # buffer while the model is quiet. They must appear well before the model speaks again.
+    wait_for(lambda: slack.reply_texts("C100", msg["ts"]) == ["first second third"], 5, "buffered text shown")
+    release.set()
+    assert replies(slack, "C100", msg["ts"]) == ["first second third fourth"]
 
 
 def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_doubled(start_bot, slack, socket_mode, gateway):
