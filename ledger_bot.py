@@ -1100,9 +1100,9 @@ class Reply:
     Feedback is the assistant "is thinking…" status, or, when Slack refuses it, a placeholder
     message that the answer then fills in. Text is streamed with chat.startStream /
     appendStream / stopStream, flushed when ``flush_chars`` are buffered or ``flush_seconds``
-    have passed since the last flush (checked as text arrives; the first text goes at once),
-    and rolled over to a new message before Slack's 12,000-character limit. A shared Flusher
-    thread flushes text that has waited ``flush_seconds`` while the model is silent. slack_sdk's
+    have passed since the last flush (the first text goes at once; a shared Flusher thread
+    covers the time while the model is silent), and rolled over to a new message before
+    Slack's 12,000-character limit. slack_sdk's
     ChatStream helper is not used because it flushes on size only and hides how much text
     reached Slack when a call fails.
 
