@@ -25,6 +25,8 @@ Threads:
   - slack_sdk's SocketModeClient: a reader thread, a message processor and a listener pool of
     ``concurrency`` threads. Our listener only acks and enqueues; it never waits on I/O.
   - answer-N: ``LEDGER_BOT_WORKERS`` threads taking questions from a bounded queue.
+  - stream-flusher: shows buffered answer text when the model goes quiet (see Flusher).
+  - socket-close: started at shutdown, so slack_sdk's slow close() runs alongside the drain.
   - litellm-import: imports litellm once in the background (~4 s) so /health is instant.
 """
 
