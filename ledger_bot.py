@@ -159,35 +159,38 @@ def load_config(environ: dict[str, str] | os._Environ) -> Config:
     problems: list[str] = []
     for field in msgspec.structs.fields(Config):
         name = _env_name(field.name)
-        raw = _NORMALISE.get(field.name, str)(environ.get(name, "").strip())
+        raw = _normalise(field, environ.get(name, "").strip())
         if not raw:
             if field.required:
                 problems.append(f"{name}: required but not set")
             continue
         value: Any = raw
-        if _is_list_setting(field.type):
+        if getattr(_inner(field.type), "__origin__", None) is tuple:  # comma-separated list
             value = [item.strip() for item in raw.split(",") if item.strip()]
         try:
             values[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError:
             problems.append(f"{name}: invalid, expected {_describe(field.type)}")
     if "ledger_bot_knowledge" in values and not knowledge_files(Path(values["ledger_bot_knowledge"])):
-        problems.append("LEDGER_BOT_KNOWLEDGE: invalid, expected a readable .md/.txt file or a directory holding some")
+        knowledge_field = next(f for f in msgspec.structs.fields(Config) if f.name == "ledger_bot_knowledge")
+        problems.append(f"LEDGER_BOT_KNOWLEDGE: invalid, expected {_describe(knowledge_field.type)}")
     if problems:
         raise ConfigError(problems)
     return Config(**values)
 
 
-# Case-insensitive settings, so LOG_LEVEL=debug works as people type it.
-_NORMALISE: dict[str, Callable[[str], str]] = {
-    "log_level": str.upper, "log_format": str.lower,
-    "ledger_bot_streaming": str.lower, "ledger_bot_follow_ups": str.lower, "ledger_bot_feedback": str.lower,
-}
+def _normalise(field: msgspec.structs.FieldInfo, raw: str) -> str:
+    """Accept settings as people type them: LOG_LEVEL=debug, LOG_FORMAT=JSON, FLAG=True."""
+    if field.name == "log_level":
+        return raw.upper()
+    if field.name == "log_format" or _inner(field.type) is bool:
+        return raw.lower()
+    return raw
 
 
-def _is_list_setting(annotation: Any) -> bool:
-    inner = getattr(annotation, "__origin__", annotation)  # unwrap Annotated[...]
-    return getattr(inner, "__origin__", inner) is tuple
+def _inner(annotation: Any) -> Any:
+    """The type inside ``Annotated[...]``."""
+    return getattr(annotation, "__origin__", annotation)
 
 
 def _describe(annotation: Any) -> str:
