@@ -19,6 +19,10 @@ process with scripted time-to-first-token and tokens/s. Per process, in order:
 
 Results: a table on stdout and tests/bench/results/<timestamp>.json (gitignored). Both
 implementations run at the same concurrency setting (100 workers; ledger-bot queue 100).
+
+Options: --bot PATH (a patched copy), --env KEY=VALUE (bot settings), --only NAME, --rounds N,
+--soak N, --profile (py-spy --gil per phase; summarise with folded.py). client_cpu.py and
+slack_cpu.py measure one gateway / Slack call's CPU per client library.
 """
 
 from __future__ import annotations
@@ -286,6 +290,7 @@ class Run:
             "load_long_in_flight_at_end_of_probes": in_flight,
         })
         self.extra["load_outcomes"] = {**self.outcomes(longs + probes), "all_finished": ok}
+        self.extra["load_probe_acks_ms"] = [round(a, 2) for a in acks]
 
     def burst(self) -> None:
         """100 questions at once, 2 s gateway latency each."""
@@ -320,6 +325,7 @@ class Run:
             if rss_warm is None and len(qids) >= warm_at:
                 rss_warm = self.rss_mib()
             if len(qids) % 2000 == 0:
+                self.extra.setdefault("soak_rss_trace_mib", []).append((len(qids), round(self.rss_mib(), 1)))
                 slack.trim()
                 self.gateway.take()
         ok = self.wait(qids, 120)
