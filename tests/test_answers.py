@@ -57,6 +57,16 @@ def test_text_buffered_when_the_model_goes_quiet_is_shown_without_waiting_for_mo
     assert replies(slack, "C100", msg["ts"]) == ["first second third fourth"]
 
 
+def test_answer_that_repeats_a_chunk_many_times_arrives_whole(start_bot, slack, socket_mode, gateway):
+    # A Markdown table separator streams as the same chunk over and over; litellm's stream
+    # wrapper would take that for a stuck model and raise.
+    table = "| account | balance |\n" + "|---" * 150 + "|\n| 1000 | 5.00 |"
+    gateway.script(Script(text=table, chunk_size=4))
+    start_bot()
+    msg, _ = mention(slack, socket_mode)
+    assert replies(slack, "C100", msg["ts"]) == [table]
+
+
 def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_doubled(start_bot, slack, socket_mode, gateway):
     start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="20", LEDGER_BOT_STREAM_FLUSH_SECONDS="5")
     first_half = "First half of the answer, streamed. " * 3
