@@ -1472,7 +1472,8 @@ class Answerer:
                 for text in stream_completion(c, messages, usage):
                     reply.add(text)
             reply.finish()
-            self.bot_threads.add(f"{q.channel}:{q.thread_ts}")
+            if c.ledger_bot_follow_ups:  # only follow-ups need to know where the bot answered
+                self.bot_threads.add(f"{q.channel}:{q.thread_ts}")
         except QuestionTooLong:
             outcome, error = "context_too_long", "question exceeds the prompt budget"
         except LLMFailure as e:
