@@ -1090,11 +1090,14 @@ ANSWER_HARD_LIMIT_SECONDS = 240
 # 9. Reply delivery
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-# A markdown block, and one chat.startStream/appendStream call, hold 12,000 characters. A
-# streamed message is rolled over to a new one a little before that, so a closing code fence
-# always fits.
-MARKDOWN_LIMIT = 12_000
+# Slack documents 12,000 characters for a markdown block and for markdown_text, but rejects a
+# message whose blocks add up to ~13,000 in a way that depends on the content
+# (msg_blocks_too_long, slackapi/bolt-js#2509). Messages are therefore cut at 11,000, which
+# leaves room for the feedback buttons and for escaping; a streamed message rolls over a
+# little earlier still, so a closing code fence always fits.
+MARKDOWN_LIMIT = 11_000
 _ROLLOVER_RESERVE = 16
+_SOFT_ZONE = 2_000  # a streamed message ends at a paragraph break found this close to the limit
 PLACEHOLDER_TEXT = "_Thinking…_"
 EMPTY_ANSWER = "(The model returned an empty answer. Please try rephrasing the question.)"
 FEEDBACK_ACTIONS = {"feedback_up": "up", "feedback_down": "down"}
@@ -1219,9 +1222,7 @@ class Reply:
 
     def _flush_stream(self, final: bool, metadata_type: str, feedback: bool) -> None:
         limit = MARKDOWN_LIMIT - _ROLLOVER_RESERVE
-        while len(self.visible_text) + len(self.pending) > limit:
-            room = limit - len(self.visible_text)
-            cut = _best_cut(self.pending[:room]) if room > 0 else 0
+        while (cut := self._rollover_cut(limit)) is not None:
             head, tail = self.pending[:cut], self.pending[cut:]
             fence = _open_fence(self.visible_text + head)
             self._stream_send(head + ("" if fence is None else ("" if head.endswith("\n") else "\n") + FENCE_CLOSE))
@@ -1232,6 +1233,23 @@ class Reply:
             self.pending = ""
         if final and self.stream_open:
             self._stream_stop(metadata_type, feedback)
+
+    def _rollover_cut(self, limit: int) -> int | None:
+        """Where in ``pending`` to end the current streamed message, or None to keep going.
+
+        Streamed text cannot be taken back, so the cut is chosen as the message nears the
+        limit: at the first paragraph break in its last ``_SOFT_ZONE`` characters, or, if none
+        came before the limit, at the best line break or space that still fits."""
+        used = len(self.visible_text)
+        if used + len(self.pending) <= limit - _SOFT_ZONE:
+            return None
+        room = max(0, limit - used)
+        at = self.pending.find("\n\n", max(0, limit - _SOFT_ZONE - used), room)
+        if at >= 0:
+            return at + 2
+        if used + len(self.pending) > limit:
+            return _best_cut(self.pending[:room]) if room > 0 else 0
+        return None
 
     def _stream_send(self, text: str) -> None:
         if not text:
