@@ -360,7 +360,6 @@ class Health:
     def __init__(self) -> None:
         self.connected = False
         self.stopping = False
-        self.started = time.monotonic()
         self.liveness_checks: list[Callable[[], str | None]] = []  # each returns a problem or None
 
     def live(self) -> tuple[bool, dict[str, Any]]:
@@ -440,6 +439,18 @@ def make_web_client(config: Config) -> WebClient:
     )
 
 
+# Slack errors that no retry can fix: the token itself was refused.
+FATAL_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "token_revoked", "account_inactive"})
+
+
+def backoff_delays(first: float = 1.0, cap: float = 30.0) -> Iterator[float]:
+    """Capped exponential backoff with ±20 % jitter: about 1, 2, 4, … 30, 30, … seconds."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, cap)
+
+
 @dataclasses.dataclass(frozen=True)
 class BotIdentity:
     user_id: str
@@ -480,6 +491,11 @@ def fetch_thread_root(web: WebClient, *, channel: str, thread_ts: str) -> dict |
     return messages[0] if messages else None
 
 
+def message_metadata(metadata_type: str, ref: str) -> dict:
+    """What the bot stamps on its messages: answer or notice, and the reference id."""
+    return {"event_type": metadata_type, "event_payload": {"ref": ref}}
+
+
 def post_message(
     web: WebClient, *, channel: str, thread_ts: str, markdown: str, metadata_type: str, ref: str,
     extra_blocks: list[dict] | None = None,
@@ -491,7 +507,7 @@ def post_message(
     resp = web.chat_postMessage(
         channel=channel, thread_ts=thread_ts, text=markdown,
         blocks=[{"type": "markdown", "text": markdown}, *(extra_blocks or [])],
-        metadata={"event_type": metadata_type, "event_payload": {"ref": ref}},
+        metadata=message_metadata(metadata_type, ref),
         unfurl_links=False, unfurl_media=False,
     )
     return resp["ts"]
@@ -505,7 +521,7 @@ def update_message(
     web.chat_update(
         channel=channel, ts=ts, text=markdown,
         blocks=[{"type": "markdown", "text": markdown}, *(extra_blocks or [])],
-        metadata={"event_type": metadata_type, "event_payload": {"ref": ref}},
+        metadata=message_metadata(metadata_type, ref),
     )
 
 
@@ -1268,7 +1284,7 @@ class Reply:
         self.web.chat_stopStream(
             channel=self.q.channel, ts=self.visible_ts,
             blocks=feedback_blocks(self.ref) if feedback else None,
-            metadata={"event_type": metadata_type, "event_payload": {"ref": self.ref}})
+            metadata=message_metadata(metadata_type, self.ref))
         self.visible_ts, self.visible_text, self.stream_open = None, "", False
 
     def _flush_messages(self, final: bool, metadata_type: str, feedback: bool) -> None:
@@ -1703,18 +1719,17 @@ class Bot:
         )
         client.socket_mode_request_listeners.append(self._on_request)
         self.client = client
-        delay = 1.0
+        delays = backoff_delays()
         while not stop.is_set():
             try:
                 client.connect()
                 return True
             except Exception as e:  # noqa: BLE001 - Slack down, rate limited, DNS: all retried
-                log_event(logging.WARNING, "slack_connect_failed", error=_slack_error_code(e),
-                          retry_in_s=round(delay, 1))
-                if isinstance(e, SlackApiError) and e.response.get("error") in ("invalid_auth", "not_authed", "token_revoked"):
+                if isinstance(e, SlackApiError) and e.response.get("error") in FATAL_AUTH_ERRORS:
                     raise
-            stop.wait(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 30.0)
+                wait = next(delays)
+                log_event(logging.WARNING, "slack_connect_failed", error=_slack_error_code(e), retry_in_s=round(wait, 1))
+                stop.wait(wait)
         return False
 
     def _on_frame(self, raw: str) -> None:
@@ -2001,22 +2016,23 @@ def _serve(config: Config, health: Health, stop: threading.Event) -> int:
     log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path), sections=len(knowledge.sections))
     web = make_web_client(config)
     me = None
-    delay = 1.0
-    while me is None and not stop.is_set():
+    delays = backoff_delays()
+    while not stop.is_set():
         try:
             me = fetch_identity(web)
+            break
         except SlackApiError as e:
             code = e.response.get("error")
-            if code in ("invalid_auth", "not_authed", "token_revoked", "account_inactive"):
+            if code in FATAL_AUTH_ERRORS:
                 log_event(logging.ERROR, "slack_auth_failed", error=code,
                           hint="SLACK_BOT_TOKEN was rejected by Slack; check the secret")
                 return 1
-            log_event(logging.WARNING, "slack_auth_test_failed", error=code, retry_in_s=round(delay, 1))
+            wait = next(delays)
+            log_event(logging.WARNING, "slack_auth_test_failed", error=code, retry_in_s=round(wait, 1))
         except (SlackClientError, OSError) as e:
-            log_event(logging.WARNING, "slack_unreachable", error=type(e).__name__, retry_in_s=round(delay, 1))
-        if me is None:
-            stop.wait(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 30.0)
+            wait = next(delays)
+            log_event(logging.WARNING, "slack_unreachable", error=type(e).__name__, retry_in_s=round(wait, 1))
+        stop.wait(wait)
     if me is None:
         log_event(logging.INFO, "stopped", reason="signal before start-up completed")
         return 0
