@@ -207,11 +207,17 @@ def test_gateway_failure_becomes_friendly_reply_and_next_question_works(
     gateway.script(script)
     msg, _ = mention(slack, socket_mode)
     notice = replies(slack, "C100", msg["ts"])[0]
-    assert words in notice
+    assert words in notice, notice
     assert "Traceback" not in notice and "status" not in notice.lower()
     ref = notice.split("ref `")[1].split("`")[0]
-    answer_logs = [line for line in log_lines(capsys.readouterr().out) if line["event"] == "answer"]
-    assert answer_logs[-1]["ref"] == ref and answer_logs[-1]["outcome"] == outcome
+    # The notice is posted before the answer's log line is written: wait for that line.
+    seen: list[dict] = []
+
+    def answer_logged():
+        seen.extend(log_lines(capsys.readouterr().out))
+        return [line for line in seen if line["event"] == "answer" and line.get("ref") == ref]
+
+    assert wait_for(answer_logged, 5, f"the log line of {ref}")[-1]["outcome"] == outcome
 
     follow, _ = mention(slack, socket_mode, "and now?")
     assert replies(slack, "C100", follow["ts"]) == ["The answer is 42."]
