@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # ledger-bot image. Build:  docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" -t ledger-bot .
-# The base is an ARG so CI can pin it by digest (python:3.12-slim@sha256:...) or swap it
-# without editing this file; both stages use the same base so the venv's interpreter exists.
-ARG PYTHON_IMAGE=python:3.12-slim
+# The base is pinned by digest (the multi-arch index of python:3.12-slim), so a rebuild of the same
+# commit uses the same bytes; Renovate (.github/renovate.json) proposes a new digest as a reviewed PR.
+# It stays an ARG so a build can swap it without editing this file; both stages use the same base
+# so the venv's interpreter exists. Check a digest: docker buildx imagetools inspect python:3.12-slim
+ARG PYTHON_IMAGE=python:3.12-slim@sha256:78387bc3881b8273120a12ebe6c1ab22b018ccc2c9adf565ae1ac9b536e184ea
 
 # ---- deps: the hash-locked runtime dependencies, in a venv that the final stage copies --------
 FROM ${PYTHON_IMAGE} AS deps
@@ -14,8 +16,11 @@ COPY requirements.lock /tmp/requirements.lock
 # --require-hashes: every file must match the lock. --only-binary: wheels only, so no compiler is
 # ever needed (the slim base has none) and an sdist can't run code at build time.
 # pip compiles .pyc files while installing, so the read-only image never needs to write them.
+# pip check: --no-deps trusts the lock to be complete and consistent; a lock edited one package at a
+# time (e.g. by an update bot) that breaks a dependency's requirement fails the build here.
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: \
-        -r /tmp/requirements.lock
+        -r /tmp/requirements.lock \
+    && /opt/venv/bin/pip check
 
 # ---- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
