@@ -11,6 +11,21 @@
   the Slack side, where ack and visibility times are taken. Times are ``time.monotonic()``,
   which is one system-wide clock, so they compare across processes.
 
+Production-shaped transport (``run.py --transport production``):
+
+- ``make_tls(dir)`` makes a throwaway CA and a server certificate for 127.0.0.1 with the
+  ``openssl`` CLI; the bot trusts it through ``SSL_CERT_FILE`` (a bundle: the system CAs + this CA).
+- ShapedHTTPServer: pytest-httpserver's server with TLS done per connection (in the connection's
+  own thread) and an injected round trip: 2 x RTT when a connection is accepted (TCP + TLS
+  handshake) and 1 x RTT per request (half before the request is handled, half before the
+  response leaves). It counts accepted connections and requests, so a client that opens a
+  connection per call pays, and shows, more than one that keeps connections alive. With no TLS
+  and RTT 0 it is the plain loopback server the benchmark always used.
+- Socket Mode stays ws:// without injected RTT (see BenchSocketMode).
+- SlackTiers: Slack's per-method rate tiers (per-minute budgets, 429 + Retry-After), switched
+  on per BenchSlack with ``enforce_tiers()``. Self-contained so it can be swapped for the
+  enforcement tests/fakes.py grows (issue 10).
+
 A question's text carries ``qid<N> p=<profile>``; the gateway reads both from the last user turn.
 Answer tokens look like ``word `` with ``zz<N>x<i>zz`` markers every ``marker_every`` tokens and
 ``zz<N>xEzz`` as the last token.
@@ -18,9 +33,16 @@ Answer tokens look like ``word `` with ``zz<N>x<i>zz`` markers every ``marker_ev
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import math
 import multiprocessing as mp
+import os
 import re
+import shutil
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +55,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/, for fakes.py
 from fakes import FakeGateway, FakeSlack, FakeSocketMode, _completion, _sse_line  # noqa: E402
 from pytest_httpserver import HTTPServer  # noqa: E402
 from werkzeug import Request, Response  # noqa: E402
+from werkzeug.serving import ThreadedWSGIServer  # noqa: E402
 
 MARKER = re.compile(r"zz(\d+)x(\d+|E)zz")
 QUESTION = re.compile(r"qid(\d+) p=(\w+)")
@@ -41,12 +64,14 @@ WORDS = ("ledger ", "journal ", "period ", "accrual ", "balance ", "posting ", "
 
 @dataclass(frozen=True)
 class Profile:
-    """How the fake model answers: ``tokens`` tokens, the first after ``ttft`` s, then ``tps``/s."""
+    """How the fake model answers: ``tokens`` tokens, the first after ``ttft`` s, then ``tps``/s.
+    With ``chars``, as many tokens as make an answer of exactly that many characters."""
 
     ttft: float
     tps: float
     tokens: int
     marker_every: int
+    chars: int = 0
 
 
 PROFILES = {
@@ -60,21 +85,179 @@ PROFILES = {
     "chunky": Profile(ttft=0.0, tps=100000, tokens=200, marker_every=10),
     # Soak / ceiling: short answers, fast gateway.
     "fast": Profile(ttft=0.0, tps=2000, tokens=12, marker_every=6),
+    # CPU per answer as issue 15 measures it: a 50-chunk stream from an instant model.
+    "chunky50": Profile(ttft=0.0, tps=100000, tokens=50, marker_every=10),
+    # Overload: ~1.5 s per answer, so 100 workers finish ~65/s while questions arrive at 100/s.
+    "overload": Profile(ttft=1.0, tps=100, tokens=50, marker_every=10),
+    # Rate tiers (issue 10): 3,000 characters at ~330 characters/s (a Sonnet-class model).
+    "tier": Profile(ttft=0.5, tps=40, tokens=0, marker_every=5, chars=3000),
 }
 
 
 def answer_tokens(qid: int, p: Profile) -> list[str]:
-    toks = []
+    toks: list[str] = []
+    end = f"zz{qid}xEzz"
+    if p.chars:
+        size, i = len(end), 0
+        while True:
+            tok = f"zz{qid}x{i}zz " if i % p.marker_every == 0 else WORDS[i % len(WORDS)]
+            if size + len(tok) > p.chars:
+                break
+            toks.append(tok)
+            size += len(tok)
+            i += 1
+        pad = p.chars - size  # exact length: widen the last word with a run of letters
+        if pad:
+            toks.append("x" * (pad - 1) + " " if pad > 1 else " ")
+        toks.append(end)
+        return toks
     for i in range(p.tokens - 1):
         toks.append(f"zz{qid}x{i}zz " if i % p.marker_every == 0 else WORDS[i % len(WORDS)])
-    toks.append(f"zz{qid}xEzz")
+    toks.append(end)
     return toks
+
+
+def answer_text(qid: int, profile: str) -> str:
+    """The exact text the gateway streams for question ``qid`` with ``profile``."""
+    return "".join(answer_tokens(qid, PROFILES[profile]))
+
+
+# ── Production-shaped transport: TLS and round trips ─────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A throwaway CA and a server certificate it signed (CN localhost, SAN 127.0.0.1)."""
+
+    ca: str  # the CA certificate alone
+    bundle: str  # system CAs + the throwaway CA: what SSL_CERT_FILE points at
+    cert: str
+    key: str
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+
+
+def make_tls(directory: Path) -> TLSFiles:
+    """Generate the CA and server certificate with the ``openssl`` CLI (ECDSA P-256, 2 days).
+
+    The bundle starts with the system's CA bundle so that clients load a production-sized
+    trust store on every new context (urllib builds one per connection), then adds this CA.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    openssl = shutil.which("openssl") or "/usr/bin/openssl"
+    d = directory
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=ledger-bot bench throwaway CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *curve, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (d / "server.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    system = next((Path(b) for b in SYSTEM_CA_BUNDLES if Path(b).is_file()), None)
+    ca = (d / "ca.pem").read_text()
+    (d / "bundle.pem").write_text((system.read_text() if system else "") + "\n" + ca)
+    return TLSFiles(ca=str(d / "ca.pem"), bundle=str(d / "bundle.pem"), cert=str(d / "server.pem"),
+                    key=str(d / "server.key"))
+
+
+class _ShapedWSGIServer(ThreadedWSGIServer):
+    """werkzeug's threaded server, with the handshake (and its injected cost) done in the
+    connection's own thread, so a slow handshake never holds up the accept loop."""
+
+    def __init__(self, host: str, port: int, app, shaped: "ShapedHTTPServer") -> None:  # noqa: ANN001
+        self.shaped = shaped
+        super().__init__(host, port, app)
+
+    def finish_request(self, request, client_address) -> None:  # noqa: ANN001 - in the connection's thread
+        shaped = self.shaped
+        shaped._count("connections")
+        if shaped.rtt:
+            time.sleep(2 * shaped.rtt)  # TCP handshake + TLS 1.3 handshake: ~2 round trips
+        conn = request
+        if shaped.tls_context is not None:
+            try:
+                conn = shaped.tls_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                shaped._count("handshake_failures")
+                return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            if conn is not request:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        pass  # a client that went away mid-request (or a TLS EOF): nothing to report
+
+
+class ShapedHTTPServer(HTTPServer):
+    """pytest-httpserver's HTTPServer shaped like a production host: TLS, a round-trip time, and
+    counters of accepted connections and requests (``counters()``). ``rtt=0``, no TLS: loopback."""
+
+    def __init__(self, *, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:
+        super().__init__(host="127.0.0.1", port=0, threaded=True)
+        self.rtt = rtt
+        self.tls_context = tls.server_context() if tls else None
+        self.ssl_context = self.tls_context  # only for url_for(): https://
+        self._counts: collections.Counter = collections.Counter()
+        self._counts_lock = threading.Lock()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[key] += n
+
+    def counters(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _wsgi(self, app):  # noqa: ANN001, ANN202
+        rtt = self.rtt
+
+        def shaped(environ, start_response):  # noqa: ANN001, ANN202
+            self._count("requests")
+            if rtt:
+                time.sleep(rtt / 2)  # the request travels to the server ...
+            body = app(environ, start_response)
+            if rtt:
+                time.sleep(rtt / 2)  # ... and the response back (headers go out on the first write)
+            return body
+        return shaped
+
+    def start(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Server is already running")
+        self.server = _ShapedWSGIServer(self.host, self.port, self._wsgi(Request.application(self.application)), self)
+        self.port = self.server.port
+        self.server_thread = threading.Thread(target=self.thread_target, daemon=True)
+        self.server_thread.start()
 
 
 # ── Socket Mode ──────────────────────────────────────────────────────────────────────────
 
 
 class BenchSocketMode(FakeSocketMode):
+    """FakeSocketMode that also stamps when each connection said hello.
+
+    Plain ws:// in both transports: slack_sdk's builtin SocketModeClient (the bot's and Bolt's)
+    wraps the socket in TLS only when the port is 443 ("only for library testing"), so wss:// on
+    a test port would silently be plain TCP anyway. The one long-lived connection's handshake is
+    not paid per answer.
+    """
+
     def __init__(self) -> None:
         self.hello_times: list[float] = []
         super().__init__()
@@ -82,6 +265,66 @@ class BenchSocketMode(FakeSocketMode):
     def _handle(self, ws):  # noqa: ANN001
         self.hello_times.append(time.monotonic())
         return super()._handle(ws)
+
+
+# ── Slack rate tiers ─────────────────────────────────────────────────────────────────────
+
+
+class SlackTiers:
+    """Slack's per-method rate limits, as the Web API enforces them for one workspace.
+
+    Per-minute budgets (Slack's method reference): Tier 2 = 20/min for chat.startStream and
+    chat.stopStream, Tier 3 = 50/min for chat.update and conversations.replies, Tier 4 =
+    100/min for chat.appendStream; chat.postMessage about one per second per channel (a bucket
+    of ``POST_BURST`` that refills at 1/s). A budget is a sliding 60 s window; a call over it gets
+    HTTP 429 ``{"ok": false, "error": "ratelimited"}`` with ``Retry-After`` = whole seconds until
+    the oldest call in the window ages out (what slack_sdk's RateLimitErrorRetryHandler sleeps).
+    Rejected calls do not count against the budget. Methods not listed are not limited.
+
+    Isolated here so the benchmark can switch to tests/fakes.py's own enforcement (issue 10)
+    by replacing ``BenchSlack.enforce_tiers`` and ``rejected``; nothing else depends on it.
+    """
+
+    PER_MINUTE = {"chat.startStream": 20, "chat.stopStream": 20, "chat.update": 50, "conversations.replies": 50,
+                  "chat.appendStream": 100}
+    POST_PER_SECOND = 1.0
+    POST_BURST = 3
+
+    def __init__(self, per_minute: dict[str, int] | None = None, window: float = 60.0) -> None:
+        self.per_minute = {**self.PER_MINUTE, **(per_minute or {})}
+        self.window = window
+        self._lock = threading.Lock()
+        self._calls: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._buckets: dict[str, tuple[float, float]] = {}  # channel -> (tokens, at)
+        self.accepted: collections.Counter = collections.Counter()
+        self.rejected: collections.Counter = collections.Counter()
+
+    def admit(self, method: str, channel: str | None) -> int | None:
+        """None if the call may go ahead (and counts), else the Retry-After in seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if method == "chat.postMessage" and channel:
+                tokens, at = self._buckets.get(channel, (float(self.POST_BURST), now))
+                tokens = min(float(self.POST_BURST), tokens + (now - at) * self.POST_PER_SECOND)
+                if tokens < 1.0:
+                    self._buckets[channel] = (tokens, now)
+                    self.rejected[method] += 1
+                    return max(1, math.ceil((1.0 - tokens) / self.POST_PER_SECOND))
+                self._buckets[channel] = (tokens - 1.0, now)
+                self.accepted[method] += 1
+                return None
+            limit = self.per_minute.get(method)
+            if limit is None:
+                return None
+            calls = self._calls[method]
+            while calls and calls[0] <= now - self.window:
+                calls.popleft()
+            if len(calls) >= limit:
+                self.rejected[method] += 1
+                return max(1, math.ceil(calls[0] + self.window - now))
+            calls.append(now)
+            self.accepted[method] += 1
+            return None
 
 
 # ── Slack Web API ────────────────────────────────────────────────────────────────────────
@@ -98,7 +341,14 @@ class BenchSlack(FakeSlack):
         self.visible: dict[tuple[int, str], float] = {}
         self.done: dict[int, float] = {}
         self.notices: dict[int, str] = {}
+        self.notice_at: dict[int, float] = {}
         self.method_counts: dict[str, int] = {}
+        self.tiers: SlackTiers | None = None
+
+    def enforce_tiers(self, per_minute: dict[str, int] | None = None) -> SlackTiers:
+        """From now on, answer calls over Slack's rate tiers with 429 (see SlackTiers)."""
+        self.tiers = SlackTiers(per_minute)
+        return self.tiers
 
     def register(self, qid: int, channel: str, thread_ts: str) -> None:
         with self._lock:
@@ -120,6 +370,16 @@ class BenchSlack(FakeSlack):
             self.method_counts[method] = self.method_counts.get(method, 0) + 1
             if len(self.calls) > 2000:
                 self.calls.clear()
+        tiers = self.tiers
+        if tiers is not None:
+            if request.mimetype == "application/json":
+                channel = (request.get_json(silent=True) or {}).get("channel")
+            else:
+                channel = request.form.get("channel") or request.args.get("channel")
+            retry_after = tiers.admit(method, channel)
+            if retry_after is not None:
+                return Response(json.dumps({"ok": False, "error": "ratelimited"}), status=429,
+                                headers={"Retry-After": str(retry_after)}, mimetype="application/json")
         return super()._dispatch(request)
 
     # what a person sees ------------------------------------------------------------------
@@ -151,6 +411,7 @@ class BenchSlack(FakeSlack):
                 qid = self.thread_qid.get((channel, msg.get("thread_ts") or msg.get("ts") or ""))
                 if qid is not None and qid not in self.notices and qid not in self.done:
                     self.notices[qid] = stripped[:60]
+                    self.notice_at[qid] = now
                     self.cond.notify_all()
 
     def _m_assistant_threads_setStatus(self, p: dict) -> dict:
@@ -262,11 +523,11 @@ class _Text:
     prompt_tokens: int = 100
 
 
-def _gateway_main(conn) -> None:  # noqa: ANN001 - runs in the child process
+def _gateway_main(conn, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:  # noqa: ANN001 - child process
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server = ShapedHTTPServer(rtt=rtt, tls=tls)
     server.start()
     gw = BenchGateway(server)
     conn.send(gw.base_url)
@@ -278,6 +539,8 @@ def _gateway_main(conn) -> None:  # noqa: ANN001 - runs in the child process
                 count, gw.count = gw.count, 0
             server.clear_log()
             conn.send((emitted, count))
+        elif cmd == "counters":
+            conn.send(server.counters())
         elif cmd == "stop":
             server.stop()
             conn.send("stopped")
@@ -285,12 +548,14 @@ def _gateway_main(conn) -> None:  # noqa: ANN001 - runs in the child process
 
 
 class GatewayProcess:
-    """The BenchGateway in a child process. ``take()`` returns and clears (emitted, requests)."""
+    """The BenchGateway in a child process. ``take()`` returns and clears (emitted, requests);
+    ``counters()`` returns the server's cumulative {"connections", "requests"}. With ``rtt`` and
+    ``tls`` it is shaped like the production gateway (see ShapedHTTPServer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_gateway_main, args=(child,), daemon=True, name="bench-gateway")
+        self.proc = ctx.Process(target=_gateway_main, args=(child, rtt, tls), daemon=True, name="bench-gateway")
         self.proc.start()
         self.base_url: str = self._conn.recv()
         self._lock = threading.Lock()
@@ -298,6 +563,11 @@ class GatewayProcess:
     def take(self) -> tuple[dict, int]:
         with self._lock:
             self._conn.send("take")
+            return self._conn.recv()
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            self._conn.send("counters")
             return self._conn.recv()
 
     def stop(self) -> None:
