@@ -1,7 +1,9 @@
 """Operations artefacts stay true to the code: alerts, dashboard, runbook.
 
 - Every metric the alert rules and the Grafana dashboard query is one ledger_bot.py exports (read from
-  prometheus_client's default registry after importing the module), or an allow-listed kube-state-metrics series.
+  prometheus_client's default registry after importing the module), a series recorded by the rules themselves, or
+  an allow-listed kube-state-metrics / cAdvisor series.
+- SLO, burn-rate, bucket, budget and outcome checks live in test_ops_slo.py.
 - Every alert links to a runbook.md section that exists (GitHub's heading anchors), with severity and team labels,
   and is unit-tested firing and not firing in the promtool test file.
 - runbook.md names only metrics, environment variables, CLI flags and HTTP paths that ledger_bot.py has.
@@ -28,19 +30,28 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "workloads" / "ledger-bot"
 RULES = CHART / "alerts" / "ledger-bot.rules.yaml"
 RULES_TEST = CHART / "alerts" / "ledger-bot.rules.test.yaml"
+# Long-horizon cases, evaluated every 5 minutes instead of every minute to keep the suite fast.
+RULES_SLOW_TEST = CHART / "alerts" / "ledger-bot.rules.slow.test.yaml"
+RULES_TESTS = (RULES_TEST, RULES_SLOW_TEST)
 DASHBOARD = CHART / "dashboards" / "ledger-bot.json"
 RULE_TEMPLATE = CHART / "templates" / "prometheusrule.yaml"
 DASHBOARD_TEMPLATE = CHART / "templates" / "dashboard-configmap.yaml"
 RUNBOOK = ROOT / "runbook.md"
 RUNBOOK_URL = "https://github.com/wealthsimple/ledger-bot/blob/main/runbook.md"
 
-# Series the alerts read from kube-state-metrics rather than from the bot.
+# Series the alerts read from kube-state-metrics and the kubelet's cAdvisor rather than from the bot.
 KUBE_STATE_METRICS = {
     "kube_deployment_spec_replicas",
     "kube_deployment_status_replicas_available",
+    "kube_deployment_metadata_generation",
     "kube_pod_container_status_restarts_total",
+    "kube_pod_container_status_last_terminated_reason",
+    "kube_pod_container_resource_limits",
     "kube_pod_status_ready",
+    "container_memory_working_set_bytes",
 }
+# The namespace matcher every selector in the rules file uses; the PrometheusRule template replaces it.
+NAMESPACE_MATCHER = 'namespace="ledger-bot"'
 # Environment variables the bot sets for litellm itself (not Config fields).
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_OFFLINE_MODE"}
 HTTP_PATHS = ("/health", "/ready", "/metrics")
@@ -59,6 +70,17 @@ def ledger_bot():
     return module
 
 
+def bot_registry():
+    """The registry the bot's /metrics serves: a fresh Metrics(new_registry(), OUTCOMES) when the module builds one
+    per bot, else prometheus_client's default registry (collectors registered at import)."""
+    import prometheus_client
+
+    module = ledger_bot()
+    if hasattr(module, "Metrics") and hasattr(module, "new_registry"):
+        return module.Metrics(module.new_registry(), tuple(module.OUTCOMES)).registry
+    return prometheus_client.REGISTRY
+
+
 @functools.cache
 def exported_metric_names() -> frozenset[str]:
     """Every series name ledger_bot.py can expose on /metrics (including default process_* collectors).
@@ -66,9 +88,6 @@ def exported_metric_names() -> frozenset[str]:
     Built from metric families, not only current samples: a labelled counter has no sample until its
     first increment, but its name is fixed by its family name and type.
     """
-    import prometheus_client
-
-    ledger_bot()
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -77,7 +96,7 @@ def exported_metric_names() -> frozenset[str]:
         "info": ("_info",),
     }
     names = set()
-    for family in prometheus_client.REGISTRY.collect():
+    for family in bot_registry().collect():
         names.add(family.name)
         names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
@@ -111,6 +130,21 @@ def load_rules() -> dict:
 
 def alert_rules() -> list[dict]:
     return [rule for group in load_rules()["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for group in load_rules()["groups"] for rule in group["rules"] if "record" in rule}
+
+
+def metric_selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric name, label matchers or "") for every series selector in a PromQL expression."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', lambda m: m.group(0).replace("{", "(").replace("}", ")"), expr)
+    names = promql_metric_names(expr)
+    found = []
+    for match in re.finditer(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)\s*(\{[^}]*\})?", text):
+        if match.group(1) in names:
+            found.append((match.group(1), match.group(2) or ""))
+    return found
 
 
 def load_dashboard() -> dict:
@@ -205,7 +239,7 @@ def test_promql_metric_names_finds_selectors_and_ignores_functions_labels_and_du
 
 
 def test_alert_rules_query_only_metrics_the_bot_exports_or_kube_state_metrics():
-    exported = exported_metric_names()
+    exported = exported_metric_names() | recorded_names()
     unknown = {}
     for group in load_rules()["groups"]:
         for rule in group["rules"]:
@@ -232,15 +266,25 @@ def test_bot_exports_every_metric_the_contract_names():
     assert contract <= exported, f"missing: {sorted(contract - exported)}"
 
 
-def test_alerts_select_ledger_bot_series_by_namespace_and_aggregate_over_pods():
-    for rule in alert_rules():
-        expr = rule["expr"]
-        for selector in re.finditer(r"((?:ledger_bot|kube)_\w+)(\{[^}]*\})?", expr):
-            assert selector.group(2) and 'namespace="ledger-bot"' in selector.group(2), (
-                f'{rule["alert"]}: {selector.group(1)} must select namespace="ledger-bot"'
+def test_every_selector_names_the_namespace_the_template_replaces_and_rules_aggregate_over_pods():
+    """Every series selector (the bot's, recorded, kube-state-metrics, cAdvisor) carries exactly
+    namespace="ledger-bot", which templates/prometheusrule.yaml swaps for the release's namespace: a selector
+    without it would read other namespaces' series, one with another spelling would stay hard-coded."""
+    recorded = recorded_names()
+    for group in load_rules()["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule.get("record")
+            expr = rule["expr"]
+            selectors = metric_selectors(expr)
+            assert selectors, name
+            for metric, matchers in selectors:
+                assert NAMESPACE_MATCHER in matchers, f"{name}: {metric} must select {NAMESPACE_MATCHER}"
+            assert len(re.findall(r"namespace\s*[=!~]+", expr)) == expr.count(NAMESPACE_MATCHER), (
+                f"{name}: every namespace matcher must be written exactly {NAMESPACE_MATCHER}"
             )
-        # Two replicas: a per-pod alert would fire twice or miss a fleet-wide problem.
-        assert re.search(r"\b(sum|max|min) by \(", expr), f'{rule["alert"]}: aggregate with sum/max by (...)'
+            # Two replicas: a per-pod alert would fire twice or miss a fleet-wide problem.
+            if any(metric not in recorded for metric, _ in selectors):
+                assert re.search(r"\b(sum|max|min) by \(", expr), f"{name}: aggregate with sum/max by (...)"
 
 
 # ---------------------------------------------------------------------------------------- (b) alerts and runbook
@@ -271,17 +315,25 @@ def test_github_anchor_matches_how_github_slugs_headings():
 
 
 def test_every_alert_is_unit_tested_firing_and_not_firing():
-    tests = yaml.safe_load(RULES_TEST.read_text())
-    assert tests["rule_files"] == [RULES.name]
+    groups = []
+    for path in RULES_TESTS:
+        tests = yaml.safe_load(path.read_text())
+        assert tests["rule_files"] == [RULES.name], path.name
+        groups += tests["tests"]
     firing, quiet = set(), set()
-    for group in tests["tests"]:
+    for group in groups:
         for case in group.get("alert_rule_test", []):
             (firing if case.get("exp_alerts") else quiet).add(case["alertname"])
+    # Alerts with a critical and a warning rule are tested firing at each severity.
+    severities = {(r["alert"], r["labels"]["severity"]) for r in alert_rules()}
+    fired = {(case["alertname"], e["exp_labels"]["severity"])
+             for group in groups for case in group.get("alert_rule_test", []) for e in case.get("exp_alerts") or []}
+    assert severities - fired == set(), "alert severities never tested firing"
     alerts = {rule["alert"] for rule in alert_rules()}
     assert alerts - firing == set(), "alerts never tested firing"
     assert alerts - quiet == set(), "alerts never tested staying quiet"
     assert (firing | quiet) - alerts == set(), "tests name alerts that do not exist"
-    for group in tests["tests"]:
+    for group in groups:
         for case in group.get("alert_rule_test", []):
             for expected in case.get("exp_alerts") or []:
                 assert expected["exp_annotations"]["runbook_url"].startswith(RUNBOOK_URL + "#")
@@ -390,11 +442,33 @@ def test_dashboard_covers_what_on_call_needs():
 # ---------------------------------------------------------------------------------------- Helm templates
 
 
-def test_prometheusrule_template_embeds_the_rules_file_verbatim():
+def render_rule_template(namespace: str) -> dict:
+    """Stand-in for Helm on templates/prometheusrule.yaml: .Files.Get, then sprig's
+    `replace "namespace=\"ledger-bot\"" (printf "namespace=%q" .Release.Namespace)`, then nindent."""
     template = RULE_TEMPLATE.read_text()
-    rendered = yaml.safe_load(render_files_get(template, "alerts/ledger-bot.rules.yaml", RULES.read_text()))
+    action = ('{{- .Files.Get "alerts/ledger-bot.rules.yaml" | replace "namespace=\\"ledger-bot\\"" '
+              '(printf "namespace=%q" .Release.Namespace) | nindent 2 }}')
+    assert template.count(action) == 1, "the template must embed the rules file with the namespace replace"
+    content = RULES.read_text().replace(NAMESPACE_MATCHER, f'namespace="{namespace}"')
+    template = template.replace(action, '{{- .Files.Get "alerts/ledger-bot.rules.yaml" | nindent 2 }}')
+    rendered = render_files_get(template, "alerts/ledger-bot.rules.yaml", content)
+    rendered = rendered.replace("namespace: x", f"namespace: {namespace}", 1)
+    return yaml.safe_load(rendered)
+
+
+def test_prometheusrule_template_embeds_the_rules_with_the_release_namespace(tmp_path):
+    rendered = render_rule_template("bor-write-ledger-bot")
     assert rendered["apiVersion"] == "monitoring.coreos.com/v1" and rendered["kind"] == "PrometheusRule"
-    assert rendered["spec"] == load_rules()
+    assert rendered["metadata"]["namespace"] == "bor-write-ledger-bot"
+    exprs = [r["expr"] for g in rendered["spec"]["groups"] for r in g["rules"]]
+    assert all('namespace="bor-write-ledger-bot"' in e for e in exprs)
+    assert not any('namespace="ledger-bot"' in e for e in exprs)
+    # Everything but the namespace is the file verbatim ({{ $labels }} etc. untouched), and still valid rules.
+    back = json.loads(json.dumps(rendered["spec"]).replace('namespace=\\"bor-write-ledger-bot\\"', 'namespace=\\"ledger-bot\\"'))
+    assert back == load_rules()
+    (tmp_path / "rendered.rules.yaml").write_text(yaml.safe_dump(rendered["spec"]))
+    result = run_promtool("check", "rules", "rendered.rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dashboard_configmap_template_embeds_the_dashboard_for_the_grafana_sidecar():
@@ -413,8 +487,9 @@ def test_promtool_check_rules():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_rule_unit_tests_pass():
-    result = run_promtool("test", "rules", RULES_TEST.name, cwd=RULES.parent)
+@pytest.mark.parametrize("tests_file", RULES_TESTS, ids=lambda p: p.name)
+def test_promtool_rule_unit_tests_pass(tests_file):
+    result = run_promtool("test", "rules", tests_file.name, cwd=RULES.parent)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
