@@ -39,7 +39,10 @@ from fakes import FakeGateway, Script, free_port, http_get, wait_for
 HERE = Path(__file__).resolve().parent
 
 ALIAS = "bedrock-claude-4.5-sonnet"
-UPSTREAM_MODEL = "claude-sonnet-4-5-upstream"  # what the proxy asks the upstream for
+# What the proxy asks the upstream for. The alias itself, because FakeGateway answers 400 to any
+# model name it does not serve (it plays the gateway elsewhere); a real upstream would get a
+# provider model id here.
+UPSTREAM_MODEL = ALIAS
 SERVER_ROOT_PATH = "/api/v2"
 BOT_KEY = SECRETS["LITELLM_DEVELOPER_KEY"]
 OVER_BUDGET_KEY = "sk-ledger-bot-budget-spent"
