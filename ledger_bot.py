@@ -8,26 +8,32 @@ Run it with ``python ledger_bot.py`` (configuration comes from the environment, 
 
 Sections, in the order a question travels through them:
   1. Configuration   - environment -> validated ``Config`` (exit 2 naming every bad variable)
-  2. Logging         - JSON lines (text on a terminal), secrets redacted from every line
-  3. Metrics         - prometheus-client collectors, rendered at /metrics
+  2. Logging         - JSON lines (text on a terminal); values redacted before serialising
+  3. Metrics         - ``Metrics``: every collector, on an injected CollectorRegistry
   4. Health server   - /health, /ready, /metrics on HEALTH_PORT (stdlib http.server)
-  5. Slack I/O       - WebClient with retry handlers; every Web API call the bot makes
-  6. Conversation    - pure functions: Slack event + thread -> Question -> LLM messages
-  7. Knowledge       - the team's documents: load, split by heading, rank, budget
-  8. LLM             - litellm, imported off the start-up path; errors -> Failure kinds
-  9. Reply delivery  - status/placeholder, streamed or posted answer, long-answer splitting
- 10. Answering       - the worker's job: one question -> one reply, every failure mapped
- 11. Lifecycle       - Socket Mode listener, bounded worker pool, signals, drain, main()
+  5. Slack I/O       - ``SlackApi``: every Web API call, per-method rate budgets, error mapping
+  6. Conversation    - pure: Slack event -> Question -> LLM messages; splitting and fences
+  7. Knowledge       - the team's documents: load, split by heading, BM25 index, budget
+  8. LLM             - litellm: one deadline, retries, errors -> outcome kinds, cost
+  9. Reply delivery  - ``Reply``: status, streamed or posted answer, rollover, Stop, fallback
+ 10. Outcomes        - ``OUTCOMES``: every way a question ends -> notice, log level, metric
+ 11. Answering       - limits, follow-up verdicts, the worker's job: one question -> one reply
+ 12. Dispatch        - acked envelope -> ignore / duplicate / refuse / queue; feedback; notices
+ 13. Socket Mode     - ``SocketLink``: connect when warm, ack on the reader, detect dead links
+ 14. Lifecycle       - worker pool, drain, signals, ``main()``
 
-Threads:
+Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains.
-  - health-http: ``ThreadingHTTPServer`` answering probes (one short thread per request).
-  - slack_sdk's SocketModeClient: a reader thread, a message processor and a listener pool of
-    ``concurrency`` threads. Our listener only acks and enqueues; it never waits on I/O.
+  - health-http: ``ThreadingHTTPServer`` answering probes (one short thread per request; a
+    connection that sends nothing is dropped after a few seconds).
+  - slack_sdk's SocketModeClient: a reader thread, a message processor, a ping monitor and a
+    listener pool. ``SocketLink.on_frame`` acks on the reader thread; the listener only
+    classifies and enqueues, it never waits on Slack.
+  - socket-watchdog: notices a dead or refused connection and reconnects with backoff.
   - answer-N: ``LEDGER_BOT_WORKERS`` threads taking questions from a bounded queue.
+  - notices: posts refusals (busy, not allowed, limits) and feedback thanks, off the listener.
   - stream-flusher: shows buffered answer text when the model goes quiet (see Flusher).
-  - socket-close: started at shutdown, so slack_sdk's slow close() runs alongside the drain.
-  - litellm-import: imports litellm once in the background (~4 s) so /health is instant.
+  - litellm-import: imports litellm once (~4 s); the socket opens only after it finished.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import http.server
 import json
 import logging
@@ -66,15 +74,11 @@ import msgspec
 import prometheus_client
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
-from slack_sdk.http_retry.builtin_handlers import (
-    ConnectionErrorRetryHandler,
-    RateLimitErrorRetryHandler,
-    ServerErrorRetryHandler,
-)
+from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, ServerErrorRetryHandler
 from slack_sdk.socket_mode.builtin.client import SocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("ledger_bot")
 
@@ -85,6 +89,7 @@ log = logging.getLogger("ledger_bot")
 
 SECRET_ENV_VARS = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY")
 EXIT_CONFIG = 2
+EXIT_SLACK_AUTH = 1
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge"
 
 
@@ -94,6 +99,8 @@ def _setting(description: str, **constraints: Any) -> msgspec.Meta:
 
 Seconds = Annotated[float, _setting("a number of seconds > 0", gt=0)]
 Count = Annotated[int, _setting("a whole number >= 1", ge=1)]
+Flag = Annotated[bool, _setting("true or false")]
+Dollars = Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)]
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,36 +111,50 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     slack_bot_token: Annotated[str, _setting("a Slack bot token starting with 'xoxb-'", pattern=r"^xoxb-\S+$")]
-    slack_app_token: Annotated[str, _setting("a Slack app-level token starting with 'xapp-'", pattern=r"^xapp-\S+$")]
-    litellm_developer_key: Annotated[str, _setting("the LiteLLM gateway key (non-empty, no spaces)", pattern=r"^\S+$")]
-    litellm_base_url: Annotated[str, _setting("an http(s) URL of the gateway, e.g. https://llm.example.com/api/v2", pattern=r"^https?://[^\s/]+")]
-    ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = "bedrock-claude-4.5-sonnet"
-    slack_api_url: Annotated[str, _setting("an http(s) URL ending in /", pattern=r"^https?://\S+/$")] = "https://slack.com/api/"
+    slack_app_token: Annotated[str, _setting("a Slack app-level token starting with 'xapp-'",
+                                             pattern=r"^xapp-\S+$")]
+    litellm_developer_key: Annotated[str, _setting("the LiteLLM gateway key (non-empty, no spaces)",
+                                                   pattern=r"^\S+$")]
+    litellm_base_url: Annotated[str, _setting("an http(s) URL of the gateway, e.g. https://llm.example.com/api/v2",
+                                              pattern=r"^https?://[^\s/]+")]
+    ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = (
+        "bedrock-claude-4.5-sonnet")
+    ledger_bot_environment: Annotated[str, _setting("a short name such as staging or production",
+                                                    pattern=r"^[a-z0-9-]{1,32}$")] = "local"
+    slack_api_url: Annotated[str, _setting("an http(s) URL ending in /", pattern=r"^https?://\S+/$")] = (
+        "https://slack.com/api/")
     health_port: Annotated[int, _setting("a TCP port 0-65535", ge=0, le=65535)] = 8080
-    log_level: Annotated[str, _setting("one of DEBUG, INFO, WARNING, ERROR", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    log_level: Annotated[str, _setting("one of DEBUG, INFO, WARNING, ERROR",
+                                       pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     log_format: Annotated[str, _setting("one of auto, json, text", pattern=r"^(auto|json|text)$")] = "auto"
     ledger_bot_llm_timeout_seconds: Seconds = 60.0
     ledger_bot_llm_max_retries: Annotated[int, _setting("a whole number 0-5", ge=0, le=5)] = 1
+    ledger_bot_llm_retry_after_max_seconds: Annotated[float, _setting("seconds >= 0", ge=0)] = 5.0
+    ledger_bot_answer_max_seconds: Seconds = 240.0
     ledger_bot_workers: Count = 16
     ledger_bot_queue_size: Count = 64
-    ledger_bot_shutdown_grace_seconds: Seconds = 20.0
+    ledger_bot_shutdown_grace_seconds: Seconds | None = None
     ledger_bot_history_max_messages: Count = 40
     ledger_bot_history_max_chars: Annotated[int, _setting("a whole number >= 1000", ge=1000)] = 40_000
     ledger_bot_context_tokens: Annotated[int, _setting("a whole number >= 4096", ge=4096)] = 200_000
     ledger_bot_max_output_tokens: Annotated[int, _setting("a whole number >= 256", ge=256)] = 4096
     ledger_bot_knowledge: Annotated[str, _setting("a readable .md/.txt file or a directory holding some")] = ""
-    ledger_bot_knowledge_share: Annotated[float, _setting("a fraction between 0.05 and 0.9", ge=0.05, le=0.9)] = 0.5
-    ledger_bot_streaming: Annotated[bool, _setting("true or false")] = True
+    ledger_bot_knowledge_share: Annotated[float, _setting("a fraction between 0.05 and 0.9",
+                                                          ge=0.05, le=0.9)] = 0.5
+    ledger_bot_streaming: Flag = True
     ledger_bot_stream_flush_chars: Count = 400
     ledger_bot_stream_flush_seconds: Seconds = 0.5
-    ledger_bot_follow_ups: Annotated[bool, _setting("true or false")] = False
+    ledger_bot_slack_rate_share: Annotated[float, _setting("a fraction between 0.05 and 1", ge=0.05, le=1)] = 0.5
+    ledger_bot_slack_rate_limits: Annotated[tuple[str, ...], _setting(
+        "comma-separated method=calls_per_minute, e.g. chat.appendStream=100")] = ()
+    ledger_bot_follow_ups: Flag = False
     ledger_bot_allowed_channels: Annotated[tuple[str, ...], _setting("comma-separated Slack channel ids")] = ()
     ledger_bot_allowed_users: Annotated[tuple[str, ...], _setting("comma-separated Slack user ids")] = ()
-    ledger_bot_feedback: Annotated[bool, _setting("true or false")] = True
+    ledger_bot_feedback: Flag = True
     ledger_bot_user_rate_limit: Annotated[int, _setting("a whole number >= 0 (0 = no limit)", ge=0)] = 10
     ledger_bot_user_rate_window_seconds: Seconds = 60.0
-    ledger_bot_daily_budget_usd: Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)] = 50.0
-    ledger_bot_user_daily_budget_usd: Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)] = 5.0
+    ledger_bot_daily_budget_usd: Dollars = 50.0
+    ledger_bot_user_daily_budget_usd: Dollars = 5.0
     ledger_bot_input_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 3.0
     ledger_bot_output_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 15.0
     ledger_bot_git_sha: str = "unknown"
@@ -142,6 +163,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     def knowledge_path(self) -> Path:
         """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
         return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long SIGTERM waits for answers in flight: LEDGER_BOT_SHUTDOWN_GRACE_SECONDS, or by
+        default the longest an answer may take (LEDGER_BOT_ANSWER_MAX_SECONDS) plus 10 s of
+        Slack time. Kubernetes' terminationGracePeriodSeconds must exceed it by ~20 s."""
+        if self.ledger_bot_shutdown_grace_seconds is not None:
+            return self.ledger_bot_shutdown_grace_seconds
+        return self.ledger_bot_answer_max_seconds + 10
+
+    @property
+    def flusher_interval(self) -> float:
+        """How often the stream flusher looks for text waiting on a quiet model: often enough
+        that text waits at most ``ledger_bot_stream_flush_seconds`` plus a tenth of a second."""
+        return min(0.1, self.ledger_bot_stream_flush_seconds / 2)
 
 
 def _env_name(field_name: str) -> str:
@@ -171,11 +207,20 @@ def load_config(environ: dict[str, str] | os._Environ) -> Config:
         except msgspec.ValidationError:
             problems.append(f"{name}: invalid, expected {_describe(field.type)}")
     if "ledger_bot_knowledge" in values and not knowledge_files(Path(values["ledger_bot_knowledge"])):
-        knowledge_field = next(f for f in msgspec.structs.fields(Config) if f.name == "ledger_bot_knowledge")
-        problems.append(f"LEDGER_BOT_KNOWLEDGE: invalid, expected {_describe(knowledge_field.type)}")
+        problems.append(f"LEDGER_BOT_KNOWLEDGE: invalid, expected {_describe(_field_type('ledger_bot_knowledge'))}")
+    if "ledger_bot_slack_rate_limits" in values:
+        try:
+            parse_rate_overrides(values["ledger_bot_slack_rate_limits"])
+        except ValueError:
+            problems.append("LEDGER_BOT_SLACK_RATE_LIMITS: invalid, expected "
+                            + _describe(_field_type("ledger_bot_slack_rate_limits")))
     if problems:
         raise ConfigError(problems)
     return Config(**values)
+
+
+def _field_type(name: str) -> Any:
+    return next(f.type for f in msgspec.structs.fields(Config) if f.name == name)
 
 
 def _normalise(field: msgspec.structs.FieldInfo, raw: str) -> str:
@@ -193,9 +238,10 @@ def _inner(annotation: Any) -> Any:
 
 
 def _describe(annotation: Any) -> str:
-    for meta in getattr(annotation, "__metadata__", ()):
-        if isinstance(meta, msgspec.Meta) and meta.description:
-            return meta.description
+    for arg in (annotation, *getattr(annotation, "__args__", ())):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                return meta.description
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -233,11 +279,31 @@ class Redactor:
             text = text.replace(value, REDACTED)
         return _TOKEN_PATTERN.sub(REDACTED, text)
 
+    def deep(self, value: Any) -> Any:
+        """Redact every string inside ``value`` (dicts, lists, tuples), before it is serialised:
+        serialising first would escape a secret's quotes or backslashes and hide it."""
+        if isinstance(value, str):
+            return self(clean_text(value))
+        if isinstance(value, dict):
+            return {self.deep(k) if isinstance(k, str) else k: self.deep(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.deep(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return self(clean_text(str(value)))
+
 
 redact = Redactor()
 
-# Keys every JSON log line may carry, in this order; anything else passed as a field follows.
-LOG_KEYS = ("ts", "level", "event", "ref", "channel", "user", "latency_ms", "tokens", "cost_usd", "outcome", "error")
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates (which JSON allows and UTF-8 does not) replaced by U+FFFD,
+    so no encoder downstream (logs, HTTP bodies) can fail on it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def log_event(level: int, event: str, **fields: Any) -> None:
@@ -259,19 +325,34 @@ class JsonFormatter(logging.Formatter):
             entry["logger"] = record.name
         if record.exc_info:
             entry["error"] = entry.get("error") or self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+        return json.dumps(redact.deep(entry), default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        fields = getattr(record, "fields", None) or {}
+        fields = redact.deep(getattr(record, "fields", None) or {})
         extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         name = "" if record.name == log.name else f" [{record.name}]"
-        line = f"{stamp} {record.levelname:<7} {record.getMessage()}{name} {extras}".rstrip()
+        line = f"{stamp} {record.levelname:<7} {clean_text(record.getMessage())}{name} {extras}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)
+
+
+class _PayloadFilter(logging.Filter):
+    """slack_sdk logs whole frames ("payload: …", "message: …") in some WARNING/ERROR lines,
+    which can carry people's messages: above DEBUG, keep only the part before the payload."""
+
+    _CUT = re.compile(r",?\s*(?:payload|message):.*", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            message = record.getMessage()
+            cut = self._CUT.sub(" (payload omitted)", message)
+            if cut != message:
+                record.msg, record.args = cut, None
+        return True
 
 
 def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
@@ -284,10 +365,16 @@ def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # slack_sdk logs every frame at DEBUG; keep it one notch quieter than ours unless DEBUG.
-    logging.getLogger("slack_sdk").setLevel(level if level == "DEBUG" else "WARNING")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
+    slack_logger = logging.getLogger("slack_sdk")
+    slack_logger.setLevel(level if level == "DEBUG" else "WARNING")
+    if not any(isinstance(f, _PayloadFilter) for f in handler.filters):
+        handler.addFilter(_PayloadFilter())
 
 
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
+QUIET_LOGGERS = ("httpx", "httpx2", "openai")  # a line per HTTP request at INFO
 
 
 def _tame_litellm_logging() -> None:
@@ -306,47 +393,71 @@ def _tame_litellm_logging() -> None:
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Label values are small fixed sets: never a user id, channel id or message text.
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Histogram bounds. The SLO thresholds in workloads/ (first text within 10 s, answer within
+# 45 s) are bounds here, so an SLO ratio reads an exact bucket instead of interpolating.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300)
+EVENT_TYPES = ("app_mention", "message", "block_actions", "other")
+EVENT_OUTCOMES = ("accepted", "ignored", "duplicate", "rejected")
 
-EVENTS = prometheus_client.Counter(
-    "ledger_bot_events", "Socket Mode events received, by type and what the bot did with them",
-    ["type", "outcome"],
-)
-ANSWERS = prometheus_client.Counter("ledger_bot_answers", "Questions handled, by outcome", ["outcome"])
-ACK_LATENCY = prometheus_client.Histogram(
-    "ledger_bot_ack_latency_seconds", "Envelope frame received -> ack sent", buckets=_LATENCY_BUCKETS
-)
-FIRST_FEEDBACK = prometheus_client.Histogram(
-    "ledger_bot_first_feedback_seconds", "Event received -> 'thinking' status or placeholder visible",
-    buckets=_LATENCY_BUCKETS,
-)
-FIRST_TOKEN = prometheus_client.Histogram(
-    "ledger_bot_first_token_seconds", "Event received -> first answer text visible in Slack", buckets=_LATENCY_BUCKETS
-)
-ANSWER_DURATION = prometheus_client.Histogram(
-    "ledger_bot_answer_duration_seconds", "Event received -> reply complete", buckets=_LATENCY_BUCKETS
-)
-LLM_TOKENS = prometheus_client.Counter("ledger_bot_llm_tokens", "Tokens reported by the gateway", ["kind"])
-LLM_COST = prometheus_client.Counter("ledger_bot_llm_cost_usd", "LLM cost in US dollars")
-SOCKET_CONNECTED = prometheus_client.Gauge("ledger_bot_socket_connected", "1 while the Socket Mode connection is up")
-SOCKET_RECONNECTS = prometheus_client.Counter("ledger_bot_socket_reconnects", "Socket Mode reconnections after the first connect")
-QUEUE_DEPTH = prometheus_client.Gauge("ledger_bot_worker_queue_depth", "Questions waiting for a worker")
-WORKERS_BUSY = prometheus_client.Gauge("ledger_bot_workers_busy", "Workers answering a question right now")
-FEEDBACK = prometheus_client.Counter("ledger_bot_feedback", "Answer feedback button clicks", ["value"])
-BUILD_INFO = prometheus_client.Gauge("ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"])
 
-ANSWER_OUTCOMES = ("ok", "timeout", "rate_limited", "gateway_error", "context_too_long", "slack_error", "busy",
-                   "user_rate_limited", "budget_exhausted", "not_allowed", "internal_error")
-# Every series exists from the start at 0, so rate() and increase() see the first event.
-for _outcome in ANSWER_OUTCOMES:
-    ANSWERS.labels(outcome=_outcome)
-for _type in ("app_mention", "message", "block_actions", "other"):
-    for _event_outcome in ("accepted", "ignored", "duplicate", "rejected"):
-        EVENTS.labels(type=_type, outcome=_event_outcome)
-for _kind in ("prompt", "completion"):
-    LLM_TOKENS.labels(kind=_kind)
-for _value in ("up", "down"):
-    FEEDBACK.labels(value=_value)
+class Metrics:
+    """Every collector the bot exports, registered on ``registry`` (one per bot, so tests read
+    absolute values and two bots in one process do not collide). Every labelled series the
+    alerts use exists from the start at 0, so rate() and increase() see the first event."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry, outcomes: tuple[str, ...]):
+        self.registry = registry
+        c, g, h = prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram
+        r = {"registry": registry}
+        self.events = c("ledger_bot_events", "Socket Mode events received, by type and what the bot did with them",
+                        ["type", "outcome"], **r)
+        self.answers = c("ledger_bot_answers", "Questions handled, by outcome", ["outcome"], **r)
+        self.ack_latency = h("ledger_bot_ack_latency_seconds", "Envelope frame received -> ack sent",
+                             buckets=LATENCY_BUCKETS, **r)
+        self.first_feedback = h("ledger_bot_first_feedback_seconds",
+                                "Event received -> 'thinking' status or placeholder visible",
+                                buckets=LATENCY_BUCKETS, **r)
+        self.first_token = h("ledger_bot_first_token_seconds", "Event received -> first answer text visible in Slack",
+                             buckets=LATENCY_BUCKETS, **r)
+        self.answer_duration = h("ledger_bot_answer_duration_seconds", "Event received -> reply complete",
+                                 buckets=LATENCY_BUCKETS, **r)
+        self.llm_tokens = c("ledger_bot_llm_tokens", "Tokens reported (or, for a cut answer, estimated)", ["kind"], **r)
+        self.llm_cost = c("ledger_bot_llm_cost_usd", "LLM cost in US dollars", **r)
+        self.socket_connected = g("ledger_bot_socket_connected",
+                                  "1 while a Socket Mode connection that said hello is alive", **r)
+        self.socket_reconnects = c("ledger_bot_socket_reconnects", "Socket Mode reconnections after the first connect",
+                                   **r)
+        self.slack_rate_limited = c("ledger_bot_slack_rate_limited", "Slack 429 answers that reached the bot",
+                                    ["method"], **r)
+        self.queue_depth = g("ledger_bot_worker_queue_depth", "Questions waiting for a worker", **r)
+        self.workers_busy = g("ledger_bot_workers_busy", "Workers answering a question right now", **r)
+        self.feedback = c("ledger_bot_feedback", "Answer feedback votes (a changed vote counts once more)",
+                          ["value"], **r)
+        self.sources = c("ledger_bot_answer_sources", "Answers by whether they cited knowledge sources",
+                         ["cited"], **r)
+        self.build_info = g("ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"], **r)
+        for outcome in outcomes:
+            self.answers.labels(outcome=outcome)
+        for event_type in EVENT_TYPES:
+            for event_outcome in EVENT_OUTCOMES:
+                self.events.labels(type=event_type, outcome=event_outcome)
+        for kind in ("prompt", "completion"):
+            self.llm_tokens.labels(kind=kind)
+        for value in ("up", "down"):
+            self.feedback.labels(value=value)
+        for cited in ("yes", "no"):
+            self.sources.labels(cited=cited)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+def new_registry() -> prometheus_client.CollectorRegistry:
+    """A registry with the process collectors (CPU, memory, fds) that the alerts also read."""
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    return registry
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -355,7 +466,8 @@ for _value in ("up", "down"):
 
 
 class Health:
-    """What the probes report. Written by the lifecycle code, read by the HTTP handler."""
+    """What the probes report. Written by the lifecycle code and SocketLink, read by the HTTP
+    handler. ``connected`` is true only between a ``hello`` on a live connection and its loss."""
 
     def __init__(self) -> None:
         self.connected = False
@@ -370,13 +482,16 @@ class Health:
         if self.stopping:
             return False, {"status": "stopping", "reason": "shutting down, not taking new questions"}
         if not self.connected:
-            return False, {"status": "not_ready", "reason": "not connected to Slack Socket Mode"}
+            return False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"}
         return True, {"status": "ready"}
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
     server: HealthServer
     server_version = "ledger-bot"
+    # A connection that sends no request within this time is dropped: without it every idle
+    # connection to the port holds a thread forever.
+    timeout = 5
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = urllib.parse.urlsplit(self.path).path
@@ -387,7 +502,7 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
             ok, body = self.server.health.ready()
             self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
         elif path == "/metrics":
-            self._send(200, prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest())
+            self._send(200, prometheus_client.CONTENT_TYPE_LATEST, self.server.metrics.render())
         else:
             self._send(404, "application/json", b'{"status":"not_found"}')
 
@@ -405,14 +520,19 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
 class HealthServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, health: Health):
+    def __init__(self, port: int, health: Health, metrics: Metrics):
         super().__init__(("0.0.0.0", port), _HealthHandler)
         self.health = health
+        self.metrics = metrics
 
     def start(self) -> HealthServer:
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="health-http",
                          daemon=True).start()
         return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -424,23 +544,114 @@ class HealthServer(http.server.ThreadingHTTPServer):
 ANSWER_METADATA = "ledger_bot_answer"
 NOTICE_METADATA = "ledger_bot_notice"
 
-
-def make_web_client(config: Config) -> WebClient:
-    """A WebClient that retries connection errors, 5xx and 429 (honouring Retry-After)."""
-    return WebClient(
-        token=config.slack_bot_token,
-        base_url=config.slack_api_url,
-        timeout=15,
-        retry_handlers=[
-            ConnectionErrorRetryHandler(max_retry_count=2),
-            ServerErrorRetryHandler(max_retry_count=2),
-            RateLimitErrorRetryHandler(max_retry_count=3),
-        ],
-    )
-
-
 # Slack errors that no retry can fix: the token itself was refused.
 FATAL_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "token_revoked", "account_inactive"})
+
+# Slack's per-workspace rate tiers (calls per minute), from its method reference. The one
+# table every budget comes from; LEDGER_BOT_SLACK_RATE_LIMITS overrides entries and
+# LEDGER_BOT_SLACK_RATE_SHARE is the share one replica may use (replicas share the workspace).
+TIER_2, TIER_3, TIER_4 = 20, 50, 100
+SLACK_RATE_TIERS: dict[str, int] = {
+    "auth.test": TIER_4,
+    "conversations.replies": TIER_3,
+    "chat.postMessage": 60,  # "about one message per second per channel": budgeted per channel
+    "chat.postEphemeral": TIER_4,
+    "chat.update": TIER_3,
+    "chat.startStream": TIER_2,
+    "chat.appendStream": TIER_4,
+    "chat.stopStream": TIER_2,
+    "assistant.threads.setStatus": TIER_3,
+}
+PER_CHANNEL_METHODS = frozenset({"chat.postMessage"})
+JSON_METHOD_PREFIXES = ("chat.", "assistant.", "views.")
+RATE_WINDOW_SECONDS = 61.0  # Slack counts per minute; a second of margin for clock and transit
+
+
+def parse_rate_overrides(items: tuple[str, ...]) -> dict[str, int]:
+    """``("chat.appendStream=60", …)`` -> ``{"chat.appendStream": 60}``; ValueError if malformed."""
+    out: dict[str, int] = {}
+    for item in items:
+        method, sep, number = item.partition("=")
+        if not (sep and re.fullmatch(r"[a-z]+(\.[A-Za-z]+)+", method.strip()) and number.strip().isdigit()
+                and int(number) > 0):
+            raise ValueError(item)
+        out[method.strip()] = int(number)
+    return out
+
+
+def rate_limits(config: Config) -> dict[str, int]:
+    """Calls per minute this replica may make, per method (at least one)."""
+    tiers = {**SLACK_RATE_TIERS, **parse_rate_overrides(config.ledger_bot_slack_rate_limits)}
+    share = config.ledger_bot_slack_rate_share
+    return {m: max(1, int(n * (1.0 if m in PER_CHANNEL_METHODS else share))) for m, n in tiers.items()}
+
+
+class RateBudget:
+    """Sliding-window call budgets, one per key (a method, or method + channel), shared by every
+    answer in the process. ``take`` never holds the lock while it waits."""
+
+    def __init__(self, per_minute: dict[str, int], clock: Callable[[], float] = time.monotonic):
+        self.per_minute = per_minute
+        self.clock = clock
+        self._calls: dict[str, collections.deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def take(self, method: str, *, channel: str = "", wait: float = 0.0) -> bool:
+        """Spend one call of ``method`` now, waiting up to ``wait`` s for one; False if none."""
+        limit = self.per_minute.get(method)
+        if limit is None:
+            return True
+        key = f"{method}:{channel}" if method in PER_CHANNEL_METHODS else method
+        window = RATE_WINDOW_SECONDS * (1 / 60 if method in PER_CHANNEL_METHODS else 1)
+        limit = 1 if method in PER_CHANNEL_METHODS else limit
+        deadline = self.clock() + wait
+        while True:
+            with self._lock:
+                now = self.clock()
+                calls = self._calls.setdefault(key, collections.deque())
+                while calls and calls[0] <= now - window:
+                    calls.popleft()
+                free_at = max(self._blocked_until.get(method, 0.0), calls[0] + window if len(calls) >= limit else 0.0)
+                if free_at <= now:
+                    calls.append(now)
+                    return True
+            if free_at > deadline:
+                return False
+            time.sleep(min(free_at - now, 1.0))
+
+    def block(self, method: str, seconds: float) -> None:
+        """Slack answered 429: spend nothing on ``method`` for ``seconds``."""
+        with self._lock:
+            self._blocked_until[method] = max(self._blocked_until.get(method, 0.0), self.clock() + seconds)
+
+
+class SlackError(Exception):
+    """A Web API call failed. ``code`` is Slack's error string (``stopped_by_user``,
+    ``ratelimited``, ``streaming_state_conflict``, …) or the transport error's class name."""
+
+    def __init__(self, method: str, code: str):
+        super().__init__(f"{method}: {code}")
+        self.method = method
+        self.code = code
+
+
+class SlackBusy(SlackError):
+    """No call of this method may be made now: the rate budget is spent or Slack said 429."""
+
+
+class SlackAuthFailed(SlackError):
+    """Slack refused a token (revoked, invalid, account inactive): no retry can help."""
+
+
+def make_web_client(config: Config, token: str | None = None) -> WebClient:
+    """A WebClient that retries connection errors and 5xx; 429s are SlackApi's to handle."""
+    return WebClient(
+        token=token or config.slack_bot_token,
+        base_url=config.slack_api_url,
+        timeout=15,
+        retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2), ServerErrorRetryHandler(max_retry_count=2)],
+    )
 
 
 def backoff_delays(first: float = 1.0, cap: float = 30.0) -> Iterator[float]:
@@ -458,94 +669,143 @@ class BotIdentity:
     team_id: str
 
 
-def fetch_identity(web: WebClient) -> BotIdentity:
-    """``auth.test``: who the bot is. Raises SlackApiError/SlackClientError as they come."""
-    resp = web.auth_test()
-    return BotIdentity(user_id=resp["user_id"], bot_id=resp.get("bot_id") or "", team_id=resp.get("team_id") or "")
-
-
-def fetch_thread(web: WebClient, *, channel: str, thread_ts: str, max_messages: int) -> list[dict]:
-    """``conversations.replies`` with metadata, paginated: the root plus the newest messages.
-
-    Returns at most ``max_messages + 1`` messages, oldest first.
-    """
-    messages: list[dict] = []
-    cursor = None
-    for _ in range(10):  # 10 pages x 200 = a 2,000-message thread; more is not useful context
-        resp = web.conversations_replies(
-            channel=channel, ts=thread_ts, limit=200, cursor=cursor, include_all_metadata=True
-        )
-        messages.extend(resp.get("messages") or [])
-        cursor = (resp.get("response_metadata") or {}).get("next_cursor")
-        if not resp.get("has_more") or not cursor:
-            break
-    if len(messages) > max_messages + 1:
-        messages = messages[:1] + messages[-max_messages:]
-    return messages
-
-
-def fetch_thread_root(web: WebClient, *, channel: str, thread_ts: str) -> dict | None:
-    """The first message of a thread (``conversations.replies`` limit 1), or None if gone."""
-    resp = web.conversations_replies(channel=channel, ts=thread_ts, limit=1)
-    messages = resp.get("messages") or []
-    return messages[0] if messages else None
-
-
 def message_metadata(metadata_type: str, ref: str) -> dict:
     """What the bot stamps on its messages: answer or notice, and the reference id."""
     return {"event_type": metadata_type, "event_payload": {"ref": ref}}
 
 
-def post_message(
-    web: WebClient, *, channel: str, thread_ts: str, markdown: str, metadata_type: str, ref: str,
-    extra_blocks: list[dict] | None = None,
-) -> str:
-    """``chat.postMessage`` of one markdown block (plain ``text`` kept for notifications).
+def markdown_blocks(markdown: str, extra_blocks: list[dict] | None = None) -> list[dict]:
+    return [{"type": "markdown", "text": markdown}, *(extra_blocks or [])]
 
-    Returns the new message's ts. Raises SlackApiError/SlackClientError.
+
+LOADING_MESSAGES = ("Reading the thread…", "Checking the GL docs…", "Balancing the debits and credits…",
+                    "Looking up the journal sources…")
+
+
+class SlackApi:
+    """Every Slack Web API call the bot makes, each a small method over one ``call``.
+
+    ``call`` spends the method's rate budget first (waiting at most ``wait`` seconds, else
+    raising SlackBusy without calling), then maps every failure to one of three exceptions:
+    SlackAuthFailed (the token was refused: ``on_auth_failed`` is told, once per token), SlackBusy
+    (Slack answered 429: the method is paused for its Retry-After and nobody sleeps on it), or
+    SlackError (any other Slack error, and every transport error: refused, reset, timed out).
+    Nothing else escapes. Thread-safe; holds no lock while it talks to Slack.
     """
-    resp = web.chat_postMessage(
-        channel=channel, thread_ts=thread_ts, text=markdown,
-        blocks=[{"type": "markdown", "text": markdown}, *(extra_blocks or [])],
-        metadata=message_metadata(metadata_type, ref),
-        unfurl_links=False, unfurl_media=False,
-    )
-    return resp["ts"]
 
+    def __init__(self, web: WebClient, budget: RateBudget, metrics: Metrics,
+                 on_auth_failed: Callable[[str, str], None] = lambda token, code: None):
+        self.web = web
+        self.budget = budget
+        self.metrics = metrics
+        self.on_auth_failed = on_auth_failed
 
-def update_message(
-    web: WebClient, *, channel: str, ts: str, markdown: str, metadata_type: str, ref: str,
-    extra_blocks: list[dict] | None = None,
-) -> None:
-    """``chat.update`` a message of ours to one markdown block. Raises SlackApiError/SlackClientError."""
-    web.chat_update(
-        channel=channel, ts=ts, text=markdown,
-        blocks=[{"type": "markdown", "text": markdown}, *(extra_blocks or [])],
-        metadata=message_metadata(metadata_type, ref),
-    )
+    def call(self, method: str, *, wait: float, channel: str = "", **params: Any) -> dict:
+        if not self.budget.take(method, channel=channel, wait=wait):
+            raise SlackBusy(method, "rate_budget_spent")
+        try:
+            body = {k: v for k, v in {"channel": channel or None, **params}.items() if v is not None}
+            # Write methods take JSON (blocks, metadata); reading methods only form/query fields.
+            resp = (self.web.api_call(method, json=body) if method.startswith(JSON_METHOD_PREFIXES)
+                    else self.web.api_call(method, params=body))
+            return dict(resp.data) if isinstance(resp.data, dict) else {}
+        except SlackApiError as e:
+            code = str(e.response.get("error") or "slack_api_error")
+            if e.response.status_code == 429:
+                self.metrics.slack_rate_limited.labels(method=method).inc()
+                self.budget.block(method, float(e.response.headers.get("Retry-After") or 1))
+                log_event(logging.WARNING, "slack_rate_limited", method=method,
+                          retry_after_s=e.response.headers.get("Retry-After"))
+                raise SlackBusy(method, "ratelimited") from None
+            if code in FATAL_AUTH_ERRORS:
+                self.on_auth_failed("SLACK_BOT_TOKEN", code)
+                raise SlackAuthFailed(method, code) from None
+            raise SlackError(method, code) from None
+        except (SlackClientError, OSError, ValueError) as e:  # refused, reset, timed out, bad JSON
+            raise SlackError(method, type(e).__name__) from None
 
+    # -- reading ------------------------------------------------------------------------------
 
-def set_thinking_status(web: WebClient, *, channel: str, thread_ts: str) -> bool:
-    """``assistant.threads.setStatus`` "is thinking…"; False if Slack refuses it.
+    def auth_test(self) -> BotIdentity:
+        """``auth.test``: who the bot is."""
+        resp = self.call("auth.test", wait=5)
+        return BotIdentity(user_id=resp["user_id"], bot_id=resp.get("bot_id") or "", team_id=resp.get("team_id") or "")
 
-    The status clears itself when the bot replies in the thread, so it is never cleared by hand.
-    """
-    try:
-        web.assistant_threads_setStatus(channel_id=channel, thread_ts=thread_ts, status="is thinking…")
-        return True
-    except SlackApiError as e:
-        log_event(logging.DEBUG, "status_refused", channel=channel, error=e.response.get("error"))
-        return False
+    def fetch_thread(self, *, channel: str, thread_ts: str, max_messages: int, max_pages: int = 50) -> list[dict]:
+        """``conversations.replies`` with metadata, paginated: the root plus the newest
+        ``max_messages`` replies (of the first ``max_pages`` × 200), oldest first."""
+        root: dict | None = None
+        newest: collections.deque[dict] = collections.deque(maxlen=max_messages)
+        cursor = None
+        for _ in range(max_pages):
+            resp = self.call("conversations.replies", wait=30, channel=channel, ts=thread_ts, limit=200,
+                             cursor=cursor, include_all_metadata=True)
+            messages = list(resp.get("messages") or [])
+            if root is None and messages:
+                root = messages.pop(0)
+            newest.extend(messages)
+            cursor = (resp.get("response_metadata") or {}).get("next_cursor")
+            if not resp.get("has_more") or not cursor:
+                break
+        return ([root] if root else []) + list(newest)
 
+    def fetch_thread_root(self, *, channel: str, thread_ts: str) -> dict | None:
+        """The first message of a thread (``conversations.replies`` limit 1), or None if gone."""
+        messages = self.call("conversations.replies", wait=30, channel=channel, ts=thread_ts, limit=1).get("messages")
+        return messages[0] if messages else None
 
-def _slack_error_code(e: BaseException) -> str:
-    if isinstance(e, SlackApiError):
-        return str(e.response.get("error") or "slack_api_error")
-    return type(e).__name__
+    # -- messages -----------------------------------------------------------------------------
 
+    def post_message(self, *, channel: str, thread_ts: str, markdown: str, metadata_type: str, ref: str,
+                     extra_blocks: list[dict] | None = None, wait: float = 30) -> str:
+        """``chat.postMessage`` of one markdown block (plain ``text`` kept for notifications);
+        returns the new message's ts."""
+        return self.call("chat.postMessage", wait=wait, channel=channel, thread_ts=thread_ts, text=markdown,
+                         blocks=markdown_blocks(markdown, extra_blocks), metadata=message_metadata(metadata_type, ref),
+                         unfurl_links=False, unfurl_media=False)["ts"]
 
+    def update_message(self, *, channel: str, ts: str, markdown: str, metadata_type: str, ref: str,
+                       extra_blocks: list[dict] | None = None, wait: float = 30) -> None:
+        """``chat.update`` a message of ours to one markdown block (never one still streaming:
+        Slack answers ``streaming_state_conflict``)."""
+        self.call("chat.update", wait=wait, channel=channel, ts=ts, text=markdown,
+                  blocks=markdown_blocks(markdown, extra_blocks), metadata=message_metadata(metadata_type, ref))
+
+    def post_ephemeral(self, *, channel: str, user: str, text: str, thread_ts: str | None = None) -> None:
+        """``chat.postEphemeral``: a line only ``user`` sees."""
+        self.call("chat.postEphemeral", wait=10, channel=channel, user=user, text=text, thread_ts=thread_ts)
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def start_stream(self, *, channel: str, thread_ts: str, markdown: str, user: str, team: str,
+                     wait: float = 0) -> str:
+        """``chat.startStream`` with the first text; returns the streaming message's ts."""
+        return self.call("chat.startStream", wait=wait, channel=channel, thread_ts=thread_ts, markdown_text=markdown,
+                         recipient_user_id=user, recipient_team_id=team or None)["ts"]
+
+    def append_stream(self, *, channel: str, ts: str, markdown: str, wait: float = 0) -> None:
+        """``chat.appendStream``; ``stopped_by_user`` once the person pressed Stop."""
+        self.call("chat.appendStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown)
+
+    def stop_stream(self, *, channel: str, ts: str, markdown: str = "", metadata_type: str, ref: str,
+                    extra_blocks: list[dict] | None = None, wait: float = 60) -> None:
+        """``chat.stopStream``: the last text, then the message is final (buttons, metadata)."""
+        self.call("chat.stopStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown or None,
+                  blocks=extra_blocks or None, metadata=message_metadata(metadata_type, ref))
+
+    def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
+        """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
+        Slack refuses it or its budget is spent. Slack clears it at the next post in the thread,
+        or after two minutes without one (the Answerer renews it while the model is silent)."""
+        try:
+            self.call("assistant.threads.setStatus", wait=2, channel_id=channel, thread_ts=thread_ts, status=status,
+                      loading_messages=list(LOADING_MESSAGES))
+            return True
+        except SlackError as e:
+            log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
+            return False
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 6. Conversation (pure: no I/O below this line until section 8)
+# 6. Conversation (pure: no I/O in this section)
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -563,6 +823,12 @@ class SlackEvent(msgspec.Struct, frozen=True, kw_only=True):
     channel_type: str | None = None
     team: str | None = None
     user_team: str | None = None
+    files: list[dict] | None = None
+
+    def __post_init__(self) -> None:
+        # Normalised on the way in: a lone surrogate would break every encoder downstream.
+        if self.text:
+            msgspec.structs.force_setattr(self, "text", clean_text(self.text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -570,7 +836,7 @@ class Question:
     """One question the bot will answer: where, who, what, and which thread to reply in."""
 
     event_id: str
-    kind: str  # "mention" | "dm" | "followup"
+    kind: str  # "mention" | "dm" | "followup" | "assistant" | "shortcut"
     channel: str
     user: str
     team: str
@@ -578,6 +844,7 @@ class Question:
     ts: str
     thread_ts: str  # where the reply goes: the event's thread, or the message itself
     in_thread: bool  # the message was already inside a thread (so there is history to read)
+    files: tuple[dict, ...] = ()  # files attached to the question (screenshots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -626,6 +893,7 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
         ts=event.ts,
         thread_ts=event.thread_ts or event.ts,
         in_thread=bool(event.thread_ts and event.thread_ts != event.ts),
+        files=tuple(event.files or ()),
     )
 
 
@@ -641,16 +909,15 @@ about GL Publisher and the Oracle General Ledger for engineers, in a Slack threa
 How to answer:
 - Write for Slack: short paragraphs, bullet lists, `code` and fenced code blocks; standard \
 Markdown renders. No top-level headings for short answers.
-- Ground answers in the team knowledge below when it covers the question and name the source \
-document you used. If the knowledge does not cover it, say so plainly and give your best general \
-guidance, marked as such. Never invent table names, job names or configuration values.
+- Ground answers in the team knowledge below when it covers the question. If the knowledge does \
+not cover it, say so plainly and give your best general guidance, marked as such. Never invent \
+table names, job names or configuration values.
+- Cite what you used: end the answer with one last line `Sources: ` followed by the `source` \
+labels of the documents you relied on, exactly as written in their tags, separated by " ; ". \
+Leave the line out if you used none. Do not mention the labels anywhere else.
 - Messages from people arrive prefixed with their Slack mention, e.g. "<@U123>: ...". Several \
 people may be in the thread; answer the latest message, using the thread for context.
 - Be concise; lead with the answer."""
-
-
-class QuestionTooLong(Exception):
-    """The question alone (with the system prompt and knowledge) does not fit the context."""
 
 
 def build_llm_messages(
@@ -751,21 +1018,53 @@ def split_message(text: str, limit: int) -> list[str]:
     pieces: list[str] = []
     rest, reopen = text, ""
     while len(reopen) + len(rest) > limit:
-        window = rest[: limit - len(reopen) - len(FENCE_CLOSE)]  # room to close a fence
+        window = rest[: limit - len(reopen) - _FENCE_RESERVE]  # room to close a fence
         cut = _best_cut(window)
         piece, rest = reopen + rest[:cut], rest[cut:]
-        fence = _open_fence(piece)
-        if fence is None:
-            reopen = ""
-        else:
-            piece += FENCE_CLOSE if piece.endswith("\n") else "\n" + FENCE_CLOSE
-            reopen = (fence if len(fence) < limit // 4 else "```") + "\n"
-        pieces.append(piece)
+        close, reopen = fence_seam(piece)
+        pieces.append(piece + close)
     pieces.append(reopen + rest)
     return pieces
 
 
+def next_piece(shown: str, pending: str, *, limit: int, soft_zone: int) -> tuple[str, str, bool]:
+    """The rollover planner for a message that grows (a stream, or a message being updated).
+
+    The message shows ``shown``; ``pending`` waits. Returns ``(send, rest, end)``: append
+    ``send`` to the message; if ``end``, the message is full after it and ``rest`` (with any
+    open code fence reopened) starts the next one; else ``rest`` is empty. Sent text cannot be
+    taken back, so the cut is chosen as the message nears ``limit``: at the first paragraph
+    break in its last ``soft_zone`` characters, or, once it would overflow, at the best line
+    break or space that still leaves room to close a fence.
+    """
+    used = len(shown)
+    if used + len(pending) <= limit - soft_zone:
+        return pending, "", False
+    room = max(0, limit - used - _FENCE_RESERVE)
+    at = pending.find("\n\n", max(0, limit - soft_zone - used), room)
+    if at >= 0:
+        cut = at + 2
+    elif used + len(pending) > limit - _FENCE_RESERVE:
+        cut = _best_cut(pending[:room]) if room > 0 else 0
+    else:
+        return pending, "", False
+    head, tail = pending[:cut], pending[cut:]
+    close, reopen = fence_seam(shown + head)
+    return head + close, reopen + tail, True
+
+
 FENCE_CLOSE = "```"
+_FENCE_RESERVE = len(FENCE_CLOSE) + 1  # a newline and the closing fence
+_MAX_REOPEN = 64  # a longer "fence line" is reopened as a bare ```
+
+
+def fence_seam(text: str) -> tuple[str, str]:
+    """Where a message ending with ``text`` is cut: what closes it and what opens the next.
+    ``("", "")`` unless ``text`` ends inside a fenced code block. The one home of fence repair."""
+    fence = _open_fence(text)
+    if fence is None:
+        return "", ""
+    return ("" if text.endswith("\n") else "\n") + FENCE_CLOSE, (fence if len(fence) <= _MAX_REOPEN else "```") + "\n"
 
 
 def _best_cut(window: str) -> int:
@@ -787,12 +1086,80 @@ def _open_fence(text: str) -> str | None:
     return fence
 
 
+# Anything that would notify a crowd: <!here>, <!channel>, <!everyone> (with or without a
+# |label), <!subteam^ID> / <!subteam^ID|@group>, and the bare @here / @channel / @everyone.
+_BROADCAST = re.compile(r"<!(here|channel|everyone)(?:\|[^>]*)?>|<!subteam\^[A-Za-z0-9]+(?:\|@?([^>]*))?>"
+                        r"|(?<![\w@])@(here|channel|everyone)\b", re.I)
+_WORD_JOINER = "\u2060"
+
+
+def neutralise_broadcasts(text: str) -> str:
+    """``text`` with every crowd mention made inert: it still reads "@here" but a word joiner
+    after the @ means Slack notifies no one. Idempotent."""
+    def inert(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3) or m.group(2) or "group"
+        return "@" + _WORD_JOINER + name.lstrip("@")
+    return _BROADCAST.sub(inert, text)
+
+
+def _unsafe_tail(text: str) -> int:
+    """How many trailing characters of ``text`` could still become a crowd mention once more
+    text arrives (an unclosed ``<!…`` or a bare ``@her``), and so must not be sent yet."""
+    lt = text.rfind("<", max(0, len(text) - 80))
+    if lt >= 0 and ">" not in text[lt:] and (text[lt:lt + 2] == "<!" or len(text) - lt == 1):
+        return len(text) - lt
+    at = re.search(r"@[A-Za-z]{0,8}$", text)
+    return len(text) - at.start() if at else 0
+
+
+SOURCES_MARK = "Sources:"
+
+
+class AnswerText:
+    """The model's streamed text on its way to Slack (pure). ``feed`` returns what may be shown
+    now; ``end`` returns the rest and the source labels cited on the answer's last
+    ``Sources:`` line (see SYSTEM_PROMPT), which is never shown. Crowd mentions are made inert,
+    and text that could still turn into one, or into the Sources line, is held back a moment."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._trailer: str | None = None
+
+    def feed(self, text: str) -> str:
+        if self._trailer is not None:
+            self._trailer += text
+            return ""
+        self._held += text
+        line_start = self._held.rfind("\n") + 1
+        last_line = self._held[line_start:]
+        if last_line.lstrip("*_ ").startswith(SOURCES_MARK):
+            self._trailer, self._held = last_line, self._held[:line_start]
+        elif last_line.strip() and SOURCES_MARK.startswith(last_line.lstrip("*_ ")):
+            keep = len(last_line)  # could be the start of the Sources line
+            return self._release(len(self._held) - keep)
+        return self._release(len(self._held) - _unsafe_tail(self._held))
+
+    def _release(self, upto: int) -> str:
+        out, self._held = self._held[:upto], self._held[upto:]
+        return neutralise_broadcasts(out)
+
+    def end(self) -> tuple[str, list[str]]:
+        rest = neutralise_broadcasts(self._held)
+        self._held = ""
+        if self._trailer is None:
+            return rest, []
+        first_line = self._trailer.strip().split("\n")[0].lstrip("*_ ")
+        labels = first_line[len(SOURCES_MARK):].strip("*_ ")
+        return rest.rstrip(), [label.strip().strip("`[]*") for label in labels.split(";") if label.strip()]
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
 # 7. Knowledge
 # ════════════════════════════════════════════════════════════════════════════════════════
 # The team's documents (LEDGER_BOT_KNOWLEDGE). When they fit their share of the context they
 # go whole into the system prompt, marked for prompt caching; otherwise each question gets the
 # best-matching sections by BM25, each labelled with its file and heading so answers can cite.
+# KnowledgeStore reloads the files when they change, swapping the index whole.
 
 KNOWLEDGE_SUFFIXES = (".md", ".txt")
 
@@ -811,6 +1178,7 @@ class Section:
     source: str  # file path relative to the knowledge root
     heading: str  # the heading trail, e.g. "Runbook > Restarting"
     text: str
+    url: str = ""  # the document's source_url front matter, if any
 
     @property
     def label(self) -> str:
@@ -821,11 +1189,28 @@ class Section:
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
+
+
+def front_matter(text: str) -> tuple[dict[str, str], str]:
+    """A document's ``---``-fenced ``key: value`` header (e.g. ``source_url:``) and the rest."""
+    m = _FRONT_MATTER.match(text)
+    if not m:
+        return {}, text
+    fields = {}
+    for line in m.group(1).splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            fields[key.strip().lower()] = value.strip().strip("\"'")
+    return fields, text[m.end():]
 
 
 def split_sections(source: str, text: str) -> list[Section]:
     """Split a Markdown document at its headings; text before the first heading is a section too.
-    Headings inside fenced code blocks are not headings."""
+    Headings inside fenced code blocks are not headings. Front matter is read, not indexed."""
+    meta, text = front_matter(text)
+    url = meta.get("source_url", "")
+    url = url if re.match(r"^https?://\S+$", url) else ""
     sections: list[Section] = []
     trail: list[str] = []
     lines: list[str] = []
@@ -834,7 +1219,7 @@ def split_sections(source: str, text: str) -> list[Section]:
     def close() -> None:
         body = "\n".join(lines).strip()
         if body:
-            sections.append(Section(source, " > ".join(trail), body))
+            sections.append(Section(source, " > ".join(trail), body, url))
         lines.clear()
 
     for line in text.splitlines():
@@ -851,11 +1236,12 @@ def split_sections(source: str, text: str) -> list[Section]:
 
 
 def load_knowledge(path: Path) -> list[Section]:
-    """Read every knowledge file under ``path`` into sections (UTF-8, undecodable bytes replaced)."""
+    """Read every knowledge file under ``path`` into sections. Raises OSError or
+    UnicodeDecodeError for a file that cannot be read as UTF-8: a broken file is an error."""
     root = path if path.is_dir() else path.parent
     sections: list[Section] = []
     for file in knowledge_files(path):
-        text = file.read_text(encoding="utf-8", errors="replace")
+        text = file.read_text(encoding="utf-8")
         sections.extend(split_sections(str(file.relative_to(root)), text))
     return sections
 
@@ -867,29 +1253,42 @@ def _terms(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def rank_sections(sections: list[Section], query: str, *, k1: float = 1.5, b: float = 0.75) -> list[Section]:
-    """Sections ordered by BM25 relevance to ``query`` (ties keep document order); sections
-    sharing no term with the query are left out."""
-    docs = [_terms(s.label + " " + s.text) for s in sections]
-    if not docs:
-        return []
-    avg_len = sum(len(d) for d in docs) / len(docs) or 1.0
-    doc_freq: collections.Counter[str] = collections.Counter()
-    for d in docs:
-        doc_freq.update(set(d))
-    query_terms = set(_terms(query))
-    scored = []
-    for index, d in enumerate(docs):
-        counts = collections.Counter(d)
-        score = 0.0
-        for term in query_terms:
-            tf = counts.get(term, 0)
-            if tf:
-                idf = math.log(1 + (len(docs) - doc_freq[term] + 0.5) / (doc_freq[term] + 0.5))
-                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(d) / avg_len))
-        if score > 0:
-            scored.append((-score, index))
-    return [sections[i] for _, i in sorted(scored)]
+class BM25:
+    """A BM25 index over sections, built once (documents are tokenised at load, not per question)."""
+
+    def __init__(self, sections: list[Section], *, k1: float = 1.2, b: float = 0.75):
+        self.sections = sections
+        self.k1, self.b = k1, b
+        docs = [_terms(s.label + " " + s.text) for s in sections]
+        self._counts = [collections.Counter(d) for d in docs]
+        self._lengths = [len(d) for d in docs]
+        self._avg = (sum(self._lengths) / len(docs) or 1.0) if docs else 1.0
+        df: collections.Counter[str] = collections.Counter()
+        for counts in self._counts:
+            df.update(counts.keys())
+        n = len(docs)
+        self._idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+
+    def rank(self, query: str) -> list[Section]:
+        """Sections by relevance to ``query`` (ties keep document order); sections sharing no
+        term with the query are left out."""
+        terms = set(_terms(query)) & self._idf.keys()
+        scored = []
+        for index, counts in enumerate(self._counts):
+            score = 0.0
+            for term in terms:
+                tf = counts.get(term, 0)
+                if tf:
+                    norm = self.k1 * (1 - self.b + self.b * self._lengths[index] / self._avg)
+                    score += self._idf[term] * tf * (self.k1 + 1) / (tf + norm)
+            if score > 0:
+                scored.append((-score, index))
+        return [self.sections[i] for _, i in sorted(scored)]
+
+
+def rank_sections(sections: list[Section], query: str) -> list[Section]:
+    """``BM25(sections).rank(query)``, for one-off use."""
+    return BM25(sections).rank(query)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -899,32 +1298,38 @@ class KnowledgeChoice:
 
     text: str
     whole: bool
-    labels: tuple[str, ...]
+    sections: tuple[Section, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(s.label for s in self.sections)
 
 
-def choose_knowledge(sections: list[Section], section_tokens: list[int], query: str, budget: int) -> KnowledgeChoice:
+def choose_knowledge(index: BM25, section_tokens: list[int], query: str, budget: int) -> KnowledgeChoice:
     """All sections if they fit ``budget`` tokens; else the most relevant ones that fit."""
+    sections = index.sections
     if sum(section_tokens) <= budget:
-        return KnowledgeChoice("\n\n".join(s.render() for s in sections), True, tuple(s.label for s in sections))
-    tokens_of = {id(s): t for s, t in zip(sections, section_tokens)}
+        return KnowledgeChoice("\n\n".join(s.render() for s in sections), True, tuple(sections))
+    position = {id(s): i for i, s in enumerate(sections)}
     chosen: list[Section] = []
     left = budget
-    for section in rank_sections(sections, query):
-        cost = tokens_of[id(section)]
+    for section in index.rank(query):
+        cost = section_tokens[position[id(section)]]
         if cost <= left:
             chosen.append(section)
             left -= cost
-    order = {id(s): i for i, s in enumerate(sections)}
-    chosen.sort(key=lambda s: order[id(s)])
-    return KnowledgeChoice("\n\n".join(s.render() for s in chosen), False, tuple(s.label for s in chosen))
+    chosen.sort(key=lambda s: position[id(s)])
+    return KnowledgeChoice("\n\n".join(s.render() for s in chosen), False, tuple(chosen))
 
 
 class KnowledgeBase:
-    """The loaded sections plus their token counts, counted once on first use (counting needs
-    litellm, which is not imported at start-up)."""
+    """One loaded version of the knowledge: sections, their BM25 index and their token counts
+    (counted once on first use: counting needs litellm, which is not imported at start-up)."""
 
     def __init__(self, sections: list[Section]):
         self.sections = sections
+        self.index = BM25(sections)
+        self.by_label = {s.label: s for s in sections}
         self._tokens: list[int] | None = None
         self._lock = threading.Lock()
 
@@ -932,7 +1337,56 @@ class KnowledgeBase:
         with self._lock:
             if self._tokens is None:
                 self._tokens = [count(s.render()) for s in self.sections]
-        return choose_knowledge(self.sections, self._tokens, query, budget)
+        return choose_knowledge(self.index, self._tokens, query, budget)
+
+
+class KnowledgeStore:
+    """The current KnowledgeBase, reloaded when the files under ``path`` change (checked at most
+    every ``check_every`` s, by whoever asks for ``current()``). A reload that fails keeps the
+    old knowledge and logs one ``knowledge_reload_failed`` line per broken version."""
+
+    def __init__(self, path: Path, *, check_every: float = 5.0,
+                 on_reload: Callable[[KnowledgeBase], None] = lambda kb: None):
+        self.path = path
+        self.check_every = check_every
+        self.on_reload = on_reload
+        self._lock = threading.Lock()
+        self._fingerprint = self._scan()
+        self._base = KnowledgeBase(load_knowledge(path))
+        self._checked = time.monotonic()
+        self._failed: tuple | None = None
+
+    def _scan(self) -> tuple:
+        out = []
+        for file in knowledge_files(self.path):
+            with contextlib.suppress(OSError):
+                st = file.stat()
+                out.append((str(file), st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def current(self) -> KnowledgeBase:
+        now = time.monotonic()
+        if now - self._checked < self.check_every or not self._lock.acquire(blocking=False):
+            return self._base
+        try:
+            self._checked = now
+            fingerprint = self._scan()
+            if fingerprint != self._fingerprint and fingerprint != self._failed:
+                try:
+                    base = KnowledgeBase(load_knowledge(self.path))
+                    if not base.sections:
+                        raise ValueError("no sections: every knowledge file is empty or gone")
+                except (OSError, UnicodeDecodeError, ValueError) as e:
+                    self._failed = fingerprint
+                    log_event(logging.ERROR, "knowledge_reload_failed", path=str(self.path),
+                              error=f"{type(e).__name__}: {e}", kept_sections=len(self._base.sections))
+                else:
+                    self._base, self._fingerprint, self._failed = base, fingerprint, None
+                    log_event(logging.INFO, "knowledge_reloaded", path=str(self.path), sections=len(base.sections))
+                    self.on_reload(base)
+        finally:
+            self._lock.release()
+        return self._base
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -946,8 +1400,8 @@ _litellm_lock = threading.Lock()
 def _litellm() -> Any:
     """Import and configure litellm once (~4 s, ~200 MB); every caller after that is free.
 
-    Kept off the start-up path: /health answers before this runs, and a background thread
-    warms it so the first question does not pay for it.
+    Kept off the /health path: the litellm-import thread warms it at start-up, and the Socket
+    Mode connection opens only once it is done, so no question waits for it.
     """
     global _litellm_module
     if _litellm_module is None:
@@ -968,7 +1422,7 @@ def _litellm() -> Any:
 
 
 class LLMFailure(Exception):
-    """A gateway failure, classified. ``kind`` is one of the answer outcomes."""
+    """A gateway failure, classified. ``kind`` is one of OUTCOMES; ``detail`` is for the log."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
@@ -978,17 +1432,13 @@ class LLMFailure(Exception):
 
 @dataclasses.dataclass
 class Usage:
+    """Tokens of one answer, as the gateway reported them (or as estimated for a cut answer)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def cost_usd(self, config: Config) -> float:
-        """Dollars for this answer at the configured prices; cached prompt tokens are billed
-        at a tenth of the input price (Anthropic's cache-read rate)."""
-        per_in = config.ledger_bot_input_cost_per_mtok / 1e6
-        fresh = max(0, self.prompt_tokens - self.cached_tokens)
-        return (fresh * per_in + self.cached_tokens * per_in * 0.1
-                + self.completion_tokens * config.ledger_bot_output_cost_per_mtok / 1e6)
+    cached_tokens: int = 0  # prompt tokens read from the prompt cache
+    cache_creation_tokens: int = 0  # prompt tokens written to it
+    estimated: bool = False
 
 
 def model_id(config: Config) -> str:
@@ -999,8 +1449,8 @@ _registered: set[str] = set()
 
 
 def register_alias(config: Config) -> None:
-    """Tell litellm the gateway alias's real limits and prices, so ``token_counter`` and cost
-    bookkeeping know it (an unknown alias also makes litellm do extra work on every chunk)."""
+    """Tell litellm the gateway alias's real limits and prices, so ``token_counter`` and
+    ``cost_usd`` know it (an unknown alias also makes litellm do extra work on every chunk)."""
     name = model_id(config)
     if name in _registered:
         return
@@ -1010,12 +1460,21 @@ def register_alias(config: Config) -> None:
         "max_output_tokens": config.ledger_bot_max_output_tokens,
         "input_cost_per_token": per_in,
         "output_cost_per_token": config.ledger_bot_output_cost_per_mtok / 1e6,
-        "cache_read_input_token_cost": per_in * 0.1,
-        "cache_creation_input_token_cost": per_in * 1.25,
+        "cache_read_input_token_cost": per_in * 0.1,  # Anthropic: cache reads at 0.1x
+        "cache_creation_input_token_cost": per_in * 1.25,  # and cache writes at 1.25x
         "litellm_provider": "litellm_proxy",
         "mode": "chat",
     }})
     _registered.add(name)
+
+
+def cost_usd(config: Config, usage: Usage) -> float:
+    """Dollars for ``usage`` at the prices registered for the alias: the one cost computation."""
+    register_alias(config)
+    prompt, completion = _litellm().cost_per_token(
+        model=model_id(config), prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        cache_read_input_tokens=usage.cached_tokens, cache_creation_input_tokens=usage.cache_creation_tokens)
+    return float(prompt + completion)
 
 
 def token_counter(config: Config) -> Callable[[str], int]:
@@ -1026,80 +1485,163 @@ def token_counter(config: Config) -> Callable[[str], int]:
     return lambda text: lm.token_counter(model=name, text=text) if text else 0
 
 
+def make_llm_client(config: Config) -> Any:
+    """One OpenAI-compatible client for the gateway, shared by every answer: its connection pool
+    keeps connections (TLS in production) open between questions. It never retries by itself
+    (``stream_completion`` decides), so the gateway's own retries are the only ones stacked."""
+    import openai
+
+    return openai.OpenAI(base_url=config.litellm_base_url, api_key=config.litellm_developer_key, max_retries=0,
+                         default_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key})
+
+
+def gateway_user(config: Config, team: str, user: str) -> str:
+    """The OpenAI ``user`` field: stable across replicas and restarts, not reversible to a Slack
+    id (an HMAC keyed with the gateway key), so gateway spend tracking works per person."""
+    digest = hmac.new(config.litellm_developer_key.encode(), f"{team}:{user}".encode(), hashlib.sha256)
+    return "lb-" + digest.hexdigest()[:32]
+
+
+# Phrases by which the gateway and providers say what went wrong, when the status alone
+# cannot (LiteLLM answers a spent budget with 400 or 422; context errors come as 400).
+_BUDGET_WORDS = ("budget_exceeded", "budget has been exceeded", "exceeded budget", "exceeded your budget")
+_CONTEXT_WORDS = ("context_length_exceeded", "context window", "maximum context length", "prompt is too long",
+                  "too many tokens", "input is too long")
+_POLICY_WORDS = ("content_policy", "content policy", "content_filter", "content filter", "responsible ai")
+
+
+def _error_facts(exc: BaseException) -> tuple[int | None, str]:
+    """The HTTP status (from the exception, or the code inside a streamed error event) and the
+    error's text, lower-cased, for classification."""
+    status = getattr(exc, "status_code", None)
+    body = getattr(exc, "body", None)
+    if status is None and isinstance(body, dict):
+        code = body.get("code")
+        status = int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
+    text = f"{exc} {json.dumps(body, default=str) if body else ''}".lower()
+    return (int(status) if isinstance(status, int) else None), text
+
+
 def classify_llm_error(exc: BaseException) -> LLMFailure:
-    """Map a litellm/openai exception to an outcome kind. Never includes the exception's text
-    in anything user-facing; ``detail`` is for the log only (and redacted there)."""
-    import httpx
+    """Map a litellm/openai exception (raised by the call, or by the stream as an SSE error
+    event) to an outcome kind. The exception's text never reaches a person; ``detail`` is for
+    the log only (and redacted there)."""
     import openai
 
     lm = _litellm()
-    status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    # litellm's exceptions subclass openai's; errors raised mid-stream by the provider's raw
-    # stream (see stream_completion) are openai's or httpx's own.
-    if isinstance(exc, lm.ContextWindowExceededError):
+    status, text = _error_facts(exc)
+    if any(w in text for w in _BUDGET_WORDS):
+        kind = "gateway_budget_exhausted"
+    elif isinstance(exc, lm.ContextWindowExceededError) or any(w in text for w in _CONTEXT_WORDS):
         kind = "context_too_long"
-    elif isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)) or status == 408:
+    elif isinstance(exc, lm.ContentPolicyViolationError) or any(w in text for w in _POLICY_WORDS):
+        kind = "content_policy"
+    elif status in (401, 403) or isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        kind = "gateway_auth_error"
+    elif isinstance(exc, (openai.APITimeoutError, TimeoutError)) or status == 408 or "timed out" in text:
         kind = "timeout"
-    elif isinstance(exc, openai.RateLimitError) or status == 429:
+    elif status == 429 or isinstance(exc, openai.RateLimitError):
         kind = "rate_limited"
+    elif status in (400, 404, 422):
+        kind = "gateway_config_error"
     else:
         kind = "gateway_error"
-    return LLMFailure(kind, f"{name} status={status}")
+    return LLMFailure(kind, f"{type(exc).__name__} status={status}")
 
 
-def stream_completion(config: Config, messages: list[dict], usage: Usage) -> Iterator[str]:
+def _retry_delay(exc: BaseException, failure: LLMFailure, attempt: int, config: Config) -> float | None:
+    """Seconds to wait before trying again, or None to give up. Only what the gateway could
+    not have retried itself: a connection that failed (never a read timeout: the upstream may
+    be generating already), and a 429 whose Retry-After is short."""
+    import openai
+
+    if attempt >= config.ledger_bot_llm_max_retries:
+        return None
+    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
+        return 0.5 * 2 ** attempt
+    if failure.kind == "rate_limited":
+        headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+        try:
+            wait = float(headers.get("retry-after", ""))
+        except ValueError:
+            return None
+        return wait if 0 <= wait <= config.ledger_bot_llm_retry_after_max_seconds else None
+    return None
+
+
+def stream_completion(config: Config, messages: list[dict], usage: Usage, *, client: Any = None,
+                      user: str | None = None) -> Iterator[str]:
     """Stream the answer's text from the gateway, filling ``usage`` when the gateway reports it.
 
-    Every setting is passed per call (litellm's module globals race between threads).
-    ``max_retries`` retries connection errors and 429/5xx *before* the first token only.
-    Raises LLMFailure.
+    One deadline to the first token, across every attempt: LEDGER_BOT_LLM_TIMEOUT_SECONDS from
+    the call; the whole answer ends by LEDGER_BOT_ANSWER_MAX_SECONDS. Retries follow
+    ``_retry_delay``. Every setting is passed per call (litellm's module globals race between
+    threads). Closing the generator closes the HTTP stream, so the gateway stops generating
+    (and billing). Raises LLMFailure.
 
-    litellm makes the call (routing, auth, retries, error mapping), but the chunks are read
-    from the provider's own stream (``completion_stream``), not through litellm's
-    CustomStreamWrapper: measured against the fake gateway, the wrapper costs ~75 ms of CPU per
-    200-chunk answer against ~25 ms (per-chunk model rebuilding, logging and cost bookkeeping),
-    and it raises InternalServerError when a model legitimately repeats a chunk (table rows,
-    repeated code). If a litellm release drops the attribute, the wrapper is used as before.
+    litellm makes the call (routing, auth, error mapping), but the chunks are read from the
+    provider's own stream (``completion_stream``), not through litellm's CustomStreamWrapper:
+    measured against the fake gateway, the wrapper costs ~75 ms of CPU per 200-chunk answer
+    against ~25 ms, and it raises InternalServerError when a model legitimately repeats a chunk
+    (table rows, repeated code).
     """
     lm = _litellm()
     register_alias(config)
-    deadline = time.monotonic() + ANSWER_HARD_LIMIT_SECONDS
+    start = time.monotonic()
+    first_token_by = start + config.ledger_bot_llm_timeout_seconds
+    answer_by = start + config.ledger_bot_answer_max_seconds
+    extra_body = {"metadata": {"tags": ["ledger-bot", f"env:{config.ledger_bot_environment}"]}}
+    attempt = 0
+    while True:
+        left = first_token_by - time.monotonic()
+        if left <= 0:
+            raise LLMFailure("timeout", f"no answer within {config.ledger_bot_llm_timeout_seconds}s")
+        try:
+            response = lm.completion(
+                model=model_id(config), messages=messages, api_base=config.litellm_base_url,
+                api_key=config.litellm_developer_key, client=client,
+                extra_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
+                timeout=left, max_retries=0, max_tokens=config.ledger_bot_max_output_tokens,
+                stream=True, stream_options={"include_usage": True}, user=user, extra_body=extra_body)
+            break
+        except Exception as exc:  # noqa: BLE001 - every gateway error becomes a classified failure
+            failure = classify_llm_error(exc)
+            delay = _retry_delay(exc, failure, attempt, config)
+            if delay is None or time.monotonic() + delay >= first_token_by:
+                raise failure from exc
+            attempt += 1
+            log_event(logging.INFO, "llm_retry", attempt=attempt, after_s=round(delay, 2), error=failure.detail)
+            time.sleep(delay)
+    raw = getattr(response, "completion_stream", None) or response
     try:
-        response = lm.completion(
-            model=model_id(config),
-            messages=messages,
-            api_base=config.litellm_base_url,
-            api_key=config.litellm_developer_key,
-            extra_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
-            timeout=config.ledger_bot_llm_timeout_seconds,
-            max_retries=config.ledger_bot_llm_max_retries,
-            max_tokens=config.ledger_bot_max_output_tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for chunk in getattr(response, "completion_stream", None) or response:
-            if time.monotonic() > deadline:
-                raise LLMFailure("timeout", f"answer exceeded {ANSWER_HARD_LIMIT_SECONDS}s")
+        for chunk in raw:
+            if time.monotonic() > answer_by:
+                raise LLMFailure("timeout", f"answer exceeded {config.ledger_bot_answer_max_seconds}s")
             if chunk.choices:
                 text = chunk.choices[0].delta.content
                 if text:
                     yield text
             chunk_usage = getattr(chunk, "usage", None)
             if chunk_usage:
-                usage.prompt_tokens = chunk_usage.prompt_tokens or usage.prompt_tokens
-                usage.completion_tokens = chunk_usage.completion_tokens or usage.completion_tokens
-                details = getattr(chunk_usage, "prompt_tokens_details", None)
-                usage.cached_tokens = getattr(details, "cached_tokens", None) or usage.cached_tokens
+                _read_usage(chunk_usage, usage)
     except LLMFailure:
         raise
-    except Exception as exc:  # noqa: BLE001 - every gateway error becomes a classified failure
+    except Exception as exc:  # noqa: BLE001
         raise classify_llm_error(exc) from exc
+    finally:
+        close = getattr(raw, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
 
-# A stream is never allowed to run longer than this, whatever the per-read timeout: Slack
-# streams die after ~5 minutes and nobody waits that long for an answer anyway.
-ANSWER_HARD_LIMIT_SECONDS = 240
+def _read_usage(reported: Any, usage: Usage) -> None:
+    usage.prompt_tokens = reported.prompt_tokens or usage.prompt_tokens
+    usage.completion_tokens = reported.completion_tokens or usage.completion_tokens
+    details = getattr(reported, "prompt_tokens_details", None)
+    usage.cached_tokens = (getattr(details, "cached_tokens", None) or getattr(reported, "cache_read_input_tokens", None)
+                           or usage.cached_tokens)
+    usage.cache_creation_tokens = getattr(reported, "cache_creation_input_tokens", None) or usage.cache_creation_tokens
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1109,48 +1651,88 @@ ANSWER_HARD_LIMIT_SECONDS = 240
 # Slack documents 12,000 characters for a markdown block and for markdown_text, but rejects a
 # message whose blocks add up to ~13,000 in a way that depends on the content
 # (msg_blocks_too_long, slackapi/bolt-js#2509). Messages are therefore cut at 11,000, which
-# leaves room for the feedback buttons and for escaping; a streamed message rolls over a
-# little earlier still, so a closing code fence always fits.
+# leaves room for the feedback and sources blocks and for escaping; a growing message ends at
+# a paragraph break found in its last _SOFT_ZONE characters (see next_piece).
 MARKDOWN_LIMIT = 11_000
-_ROLLOVER_RESERVE = 16
-_SOFT_ZONE = 2_000  # a streamed message ends at a paragraph break found this close to the limit
+_SOFT_ZONE = 2_000
+MESSAGE_UPDATE_INTERVAL = 1.0  # a message that grows by chat.update changes at most once a second
+STATUS_RENEW_SECONDS = 100.0  # Slack clears a thread status after 120 s without a post
 PLACEHOLDER_TEXT = "_Thinking…_"
 EMPTY_ANSWER = "(The model returned an empty answer. Please try rephrasing the question.)"
-FEEDBACK_ACTIONS = {"feedback_up": "up", "feedback_down": "down"}
+FEEDBACK_ACTION = "feedback"
+STOPPED_CODES = frozenset({"stopped_by_user"})
+STREAM_GONE_CODES = frozenset({"message_not_in_streaming_state", "stopped_by_user"})
 
 
-def feedback_blocks(ref: str) -> list[dict]:
-    """👍/👎 buttons; the clicked button's value is the answer's reference id."""
-    return [{"type": "actions", "block_id": "ledger_bot_feedback", "elements": [
-        {"type": "button", "action_id": "feedback_up", "value": ref,
-         "text": {"type": "plain_text", "text": "👍 Helpful", "emoji": True}},
-        {"type": "button", "action_id": "feedback_down", "value": ref,
-         "text": {"type": "plain_text", "text": "👎 Not helpful", "emoji": True}},
-    ]}]
+def feedback_blocks(ref: str, serial: int) -> list[dict]:
+    """Slack's native 👍/👎 (``feedback_buttons`` in a ``context_actions`` block). The value
+    says the vote and the answer's ref; ``block_id`` is unique per message and per update."""
+    button = {"type": "plain_text", "text": "👍"}
+    return [{"type": "context_actions", "block_id": f"lb_feedback_{ref}_{serial}", "elements": [{
+        "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
+        "positive_button": {"text": button, "value": f"up:{ref}", "accessibility_label": "Helpful"},
+        "negative_button": {"text": {**button, "text": "👎"}, "value": f"down:{ref}",
+                            "accessibility_label": "Not helpful"},
+    }]}]
+
+
+def _mrkdwn_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
+    """A small context line naming the documents an answer cited; a link where the document
+    declared ``source_url``."""
+    names = [f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label) for s in sections]
+    return {"type": "context", "block_id": f"lb_sources_{ref}_{serial}",
+            "elements": [{"type": "mrkdwn", "text": "Sources: " + " · ".join(names)}]}
+
+
+class StoppedByUser(Exception):
+    """The person pressed Stop on the streamed answer."""
+
+
+@dataclasses.dataclass
+class _Visible:
+    """The message a reply is writing into: its ts, what it shows, and whether it streams."""
+
+    ts: str
+    shown: str = ""
+    streaming: bool = False
+    final: bool = False  # a message that carries metadata/buttons already (never a placeholder)
 
 
 class Reply:
     """One reply in one thread: visible feedback first, then the answer, whole and in order.
 
-    Feedback is the assistant "is thinking…" status, or, when Slack refuses it, a placeholder
-    message that the answer then fills in. Text is streamed with chat.startStream /
-    appendStream / stopStream, flushed when ``flush_chars`` are buffered or ``flush_seconds``
-    have passed since the last flush (the first text goes at once; a shared Flusher thread
-    covers the time while the model is silent), and rolled over to a new message before
-    Slack's 12,000-character limit. slack_sdk's
-    ChatStream helper is not used because it flushes on size only and hides how much text
-    reached Slack when a call fails.
+    Small public methods over one worker, ``_deliver``:
+      - ``show_feedback``: the assistant "is thinking…" status, or (when Slack refuses it) a
+        placeholder message that the answer then fills in.
+      - ``add``: model text arrives (the worker); it goes out when ``flush_chars`` are buffered
+        or ``flush_seconds`` have passed (the first text at once).
+      - ``flush_if_due``: the Flusher thread, while the model is quiet.
+      - ``finish`` / ``fail`` / ``interrupt``: the end, with buttons and sources, or a notice.
 
-    If streaming is off, refused or dies mid-way (``message_not_in_streaming_state`` after
-    ~5 minutes, ``method_not_supported…``, any error) the reply continues with chat.update /
-    chat.postMessage from exactly the text Slack already shows: nothing lost, nothing doubled,
-    no spinner left behind. Slack errors that even the fallback cannot absorb escape as
-    SlackClientError.
+    Concurrency contract. ``_lock`` guards ``pending``, ``closed`` and ``stopped`` and is never
+    held during a Slack call. ``_turn`` is held by the one thread writing this reply to Slack;
+    only its holder touches ``visible`` (the message being written). The Flusher only tries
+    ``_turn`` and spends rate budget only if it is free now, so when Slack is busy, flushes
+    coalesce into fewer, larger appends instead of waiting. A reply's final delivery may wait
+    for budget: it holds ``_turn`` then, which only the Flusher ever contends for.
+
+    Slack I/O. Text streams through chat.startStream / appendStream / stopStream and rolls over
+    to a new message before Slack's size limit (``next_piece``). If a stream cannot start
+    (budget spent, refused) the reply uses chat.postMessage / chat.update instead; if a stream
+    fails mid-way it is first ended with chat.stopStream (Slack refuses chat.update on a
+    message still streaming), then continued from exactly the text it shows: nothing lost,
+    nothing doubled, nothing left streaming. ``stopped_by_user`` means the person pressed Stop:
+    nothing more is posted and ``add`` raises StoppedByUser. Other Slack errors that even the
+    fallback cannot absorb escape as SlackError.
     """
 
-    def __init__(self, web: WebClient, question: Question, ref: str, *, streaming: bool, flush_chars: int,
-                 flush_seconds: float, feedback: bool, received: float):
-        self.web = web
+    def __init__(self, api: SlackApi, question: Question, ref: str, *, streaming: bool, flush_chars: int,
+                 flush_seconds: float, feedback: bool, received: float, metrics: Metrics):
+        self.api = api
         self.q = question
         self.ref = ref
         self.use_stream = streaming
@@ -1158,185 +1740,268 @@ class Reply:
         self.flush_seconds = flush_seconds
         self.feedback = feedback
         self.received = received
-        self.visible_ts: str | None = None  # the message being written: a stream or a placeholder
-        self.visible_text = ""  # what Slack shows in that message
-        self.stream_open = False
-        self.pending = ""  # text from the model that Slack does not show yet
+        self.metrics = metrics
+        self.pending = ""
+        self.closed = False
+        self.stopped = False
+        self.visible: _Visible | None = None
+        self.shown_any = False
         self.last_flush = 0.0
         self.last_update = 0.0
-        self.shown_any = False
-        self.closed = False
-        # The worker adds text; the Flusher thread may flush it when the model goes quiet.
-        self.lock = threading.Lock()
+        self.status_at: float | None = None
+        self._serial = 0
+        self._out = ""  # the text being sent right now (holder of _turn only)
+        self._lock = threading.Lock()
+        self._turn = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
 
     def show_feedback(self) -> None:
         """Status if Slack allows it, else a placeholder (then no streaming: the placeholder is
         updated in place instead)."""
-        if set_thinking_status(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts):
+        if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+            self.status_at = time.monotonic()
             return
-        self.visible_ts = post_message(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts,
-                                       markdown=PLACEHOLDER_TEXT, metadata_type=NOTICE_METADATA, ref=self.ref)
+        ts = self.api.post_message(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=PLACEHOLDER_TEXT,
+                                   metadata_type=NOTICE_METADATA, ref=self.ref)
+        self.visible = _Visible(ts)
         self.use_stream = False
 
     def add(self, text: str) -> None:
-        with self.lock:
+        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser."""
+        with self._lock:
+            if self.stopped:
+                raise StoppedByUser()
+            if self.closed:
+                return
             self.pending += text
-            if not self.shown_any or len(self.pending) >= self.flush_chars or self._time_due():
-                self._flush(final=False)
+            due = not self.shown_any or len(self.pending) >= self.flush_chars or self._time_due()
+        if due:
+            self._deliver(final=False, wait=False)
+        if self.stopped:
+            raise StoppedByUser()
 
     def flush_if_due(self) -> None:
-        """Called by the Flusher thread: flush text that has waited ``flush_seconds`` while the
-        model is silent. Skips if the worker is busy with this reply right now."""
-        if self.lock.acquire(blocking=False):
+        """The Flusher's: send text that has waited ``flush_seconds`` while the model is quiet,
+        and keep the status alive until the first text. Never waits."""
+        with self._lock:
+            due = bool(self.pending) and not self.closed and self._time_due()
+        if due:
+            self._deliver(final=False, wait=False)
+        elif (not self.shown_any and self.status_at is not None
+              and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS and self._turn.acquire(blocking=False)):
             try:
-                if self.pending and not self.closed and self._time_due():
-                    self._flush(final=False)
-            except SlackClientError:
-                pass  # the worker's next flush meets the same error and falls back
+                if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+                    self.status_at = time.monotonic()
             finally:
-                self.lock.release()
+                self._turn.release()
+
+    def finish(self, text: str = "", sources: list[Section] | None = None) -> None:
+        """Deliver ``text`` and everything pending, and close the reply: sources, then the
+        feedback buttons, under the last message."""
+        with self._lock:
+            if self.closed or self.stopped:
+                return
+            self.closed = True
+            self.pending += text
+            if not (self.shown_any or self.pending.strip()):
+                self.pending = EMPTY_ANSWER
+        self._deliver(final=True, wait=True, metadata_type=ANSWER_METADATA, feedback=self.feedback,
+                      sources=sources or [])
+
+    def fail(self, notice: str) -> bool:
+        """End the reply with ``notice`` after whatever text was already shown. False (and
+        nothing posted) if the reply had already ended, or the person pressed Stop."""
+        with self._lock:
+            if self.closed or self.stopped:
+                return False
+            self.closed = True
+            self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
+        self._deliver(final=True, wait=True, metadata_type=NOTICE_METADATA)
+        return True
+
+    # The shutdown path ends a reply its worker is still writing: the same as fail().
+    interrupt = fail
 
     def _time_due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
 
-    def finish(self) -> None:
-        """Deliver everything still pending and close the reply (feedback buttons last)."""
-        with self.lock:
-            self.closed = True
-            if not (self.shown_any or self.pending.strip()):
-                self.pending = EMPTY_ANSWER
-            self._flush(final=True, metadata_type=ANSWER_METADATA, feedback=self.feedback)
+    # -- the worker ---------------------------------------------------------------------------
 
-    def fail(self, notice: str) -> None:
-        """End the reply with ``notice`` after whatever text was already shown."""
-        with self.lock:
-            self.closed = True
-            self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
-            self._flush(final=True, metadata_type=NOTICE_METADATA, feedback=False)
-
-    # -- flushing ----------------------------------------------------------------------------
-
-    def _flush(self, *, final: bool, metadata_type: str = ANSWER_METADATA, feedback: bool = False) -> None:
-        self.last_flush = time.monotonic()
-        if self.use_stream:
+    def _deliver(self, *, final: bool, wait: bool, metadata_type: str = ANSWER_METADATA, feedback: bool = False,
+                 sources: list[Section] | None = None) -> None:
+        """Send pending text to Slack. Takes ``_turn`` (waiting for it only if ``wait``), moves
+        the pending text to ``_out`` under ``_lock``, and puts back what could not go out yet.
+        ``final`` sends everything, waiting for rate budget, ends the last message, and never
+        leaves a message streaming, whatever fails."""
+        if not self._turn.acquire(blocking=wait):
+            return
+        try:
+            with self._lock:
+                self._out, self.pending = self.pending, ""
+            self.last_flush = time.monotonic()
             try:
-                self._flush_stream(final, metadata_type, feedback)
+                self._send(final=final, metadata_type=metadata_type, feedback=feedback, sources=sources or [])
+            except SlackError as e:
+                if e.code in STOPPED_CODES:
+                    self._stopped()
+                elif final:
+                    raise
+                else:  # a flush that could not go out loses nothing: it goes with the next one
+                    log_event(logging.DEBUG, "flush_deferred", ref=self.ref, error=e.code)
+            finally:
+                if final and not self.stopped:
+                    self._abandon_stream()
+                with self._lock:
+                    self.pending, self._out = ("" if self.stopped else self._out) + self.pending, ""
+        finally:
+            self._turn.release()
+
+    def _stopped(self) -> None:
+        """The person pressed Stop: end the stream as Slack expects, drop the rest, post nothing."""
+        with self._lock:
+            self.stopped = True
+            self.pending = self._out = ""
+        if self.visible is not None and self.visible.streaming:
+            with contextlib.suppress(SlackError):
+                self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, metadata_type=ANSWER_METADATA,
+                                     ref=self.ref, wait=5)
+            self.visible.streaming = False
+
+    def _send(self, *, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+        """Write ``_out`` into the visible message and its successors, removing from ``_out``
+        what Slack accepted. Holder of ``_turn`` only."""
+        if self.use_stream and (self.visible is None or self.visible.streaming):
+            try:
+                self._send_stream(final, metadata_type, feedback, sources)
                 return
-            except SlackClientError as e:
-                log_event(logging.WARNING, "stream_fallback", ref=self.ref, channel=self.q.channel,
-                          error=_slack_error_code(e))
-                self.use_stream = False
-                self.stream_open = False
-        self._flush_messages(final, metadata_type, feedback)
+            except SlackBusy:
+                if self.visible is not None:
+                    raise  # mid-stream: the text waits for budget (coalescing)
+                self.use_stream = False  # no stream could start: messages from now on
+                log_event(logging.INFO, "stream_degraded", ref=self.ref, reason="stream budget spent")
+            except SlackError as e:
+                if e.code in STOPPED_CODES:
+                    raise
+                log_event(logging.WARNING, "stream_fallback", ref=self.ref, channel=self.q.channel, error=e.code)
+                self._abandon_stream()
+        self._send_messages(final, metadata_type, feedback, sources)
+
+    def _abandon_stream(self) -> None:
+        """Stop using streams: end the open one (so chat.update may edit it) and continue it as
+        an ordinary message from exactly what it shows."""
+        self.use_stream = False
+        if self.visible is not None and self.visible.streaming:
+            try:
+                self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, metadata_type=NOTICE_METADATA,
+                                     ref=self.ref, wait=30)
+            except SlackError as e:
+                if e.code not in STREAM_GONE_CODES:
+                    log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
+            self.visible.streaming = False
+
+    def _send_stream(self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+        while True:
+            shown = self.visible.shown if self.visible else ""
+            send, rest, end = next_piece(shown, self._out, limit=MARKDOWN_LIMIT, soft_zone=_SOFT_ZONE)
+            last = final and not end
+            if self.visible is None:
+                if not send:
+                    return
+                ts = self.api.start_stream(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=send,
+                                           user=self.q.user, team=self.q.team, wait=30 if final else 0)
+                self.visible = _Visible(ts, send, streaming=True)
+                self._shown(send)
+                self._out = rest
+                if not (end or last):
+                    return
+                send = ""
+            elif not (end or last):
+                if send:
+                    self.api.append_stream(channel=self.q.channel, ts=self.visible.ts, markdown=send)
+                    self.visible.shown += send
+                    self._shown(send)
+                    self._out = rest
+                return
+            # This message ends here, with ``send`` as its last text.
+            self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, markdown=send,
+                                 metadata_type=metadata_type if last else ANSWER_METADATA, ref=self.ref,
+                                 extra_blocks=self._closing_blocks(feedback, sources) if last else None,
+                                 wait=60 if final else 5)
+            self._shown(send)
+            self.visible = None
+            self._out = rest
+            if last:
+                return
+
+    def _send_messages(self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+        """Without a stream: grow the visible message (a placeholder, or a stream that was
+        abandoned) in place with chat.update, at most once a second, only while it fits and the
+        budget is free; at the end put what is left into it and into as many posted messages
+        as it takes."""
+        v, text = self.visible, self._out
+        if not final:
+            if v is None:
+                return  # nothing to grow yet: the status shows, the text goes out at the end
+            combined = v.shown + text
+            if len(combined) <= MARKDOWN_LIMIT and time.monotonic() - self.last_update >= MESSAGE_UPDATE_INTERVAL:
+                self.last_update = time.monotonic()
+                self.api.update_message(channel=self.q.channel, ts=v.ts, markdown=combined,
+                                        metadata_type=NOTICE_METADATA, ref=self.ref, wait=0)
+                v.shown, self._out = combined, ""
+                self._shown(text)
+            return
+        closing = self._closing_blocks(feedback, sources)
+        rest: list[str]
+        if v is not None:
+            pieces = split_message(v.shown + text, MARKDOWN_LIMIT)
+            try:
+                self.api.update_message(channel=self.q.channel, ts=v.ts, markdown=pieces[0],
+                                        metadata_type=metadata_type, ref=self.ref,
+                                        extra_blocks=closing if len(pieces) == 1 else None)
+                self._shown(pieces[0])
+                rest = pieces[1:]
+            except SlackError as e:
+                if e.code in STOPPED_CODES:
+                    raise
+                # The message keeps what it shows; post only what it does not show yet.
+                log_event(logging.WARNING, "update_failed", ref=self.ref, error=e.code)
+                _, reopen = fence_seam(v.shown)
+                rest = split_message(reopen + text, MARKDOWN_LIMIT) if text.strip() else []
+            self.visible = None
+        else:
+            rest = split_message(text, MARKDOWN_LIMIT) if text.strip() else []
+        for i, piece in enumerate(rest):
+            self.api.post_message(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=piece,
+                                  metadata_type=metadata_type, ref=self.ref,
+                                  extra_blocks=closing if i == len(rest) - 1 else None)
+            self._shown(piece)
+        self._out = ""
+
+    def _closing_blocks(self, feedback: bool, sources: list[Section]) -> list[dict] | None:
+        self._serial += 1
+        blocks = ([sources_block(sources, self.ref, self._serial)] if sources else [])
+        blocks += feedback_blocks(self.ref, self._serial) if feedback else []
+        return blocks or None
 
     def _shown(self, text: str) -> None:
         if text and not self.shown_any:
             self.shown_any = True
-            FIRST_TOKEN.observe(time.monotonic() - self.received)
-
-    def _flush_stream(self, final: bool, metadata_type: str, feedback: bool) -> None:
-        limit = MARKDOWN_LIMIT - _ROLLOVER_RESERVE
-        while (cut := self._rollover_cut(limit)) is not None:
-            head, tail = self.pending[:cut], self.pending[cut:]
-            fence = _open_fence(self.visible_text + head)
-            self._stream_send(head + ("" if fence is None else ("" if head.endswith("\n") else "\n") + FENCE_CLOSE))
-            self.pending = ("" if fence is None else fence + "\n") + tail
-            self._stream_stop(ANSWER_METADATA, feedback=False)
-        if self.pending:
-            self._stream_send(self.pending)
-            self.pending = ""
-        if final and self.stream_open:
-            self._stream_stop(metadata_type, feedback)
-
-    def _rollover_cut(self, limit: int) -> int | None:
-        """Where in ``pending`` to end the current streamed message, or None to keep going.
-
-        Streamed text cannot be taken back, so the cut is chosen as the message nears the
-        limit: at the first paragraph break in its last ``_SOFT_ZONE`` characters, or, if none
-        came before the limit, at the best line break or space that still fits."""
-        used = len(self.visible_text)
-        if used + len(self.pending) <= limit - _SOFT_ZONE:
-            return None
-        room = max(0, limit - used)
-        at = self.pending.find("\n\n", max(0, limit - _SOFT_ZONE - used), room)
-        if at >= 0:
-            return at + 2
-        if used + len(self.pending) > limit:
-            return _best_cut(self.pending[:room]) if room > 0 else 0
-        return None
-
-    def _stream_send(self, text: str) -> None:
-        if not text:
-            return
-        if not self.stream_open:
-            resp = self.web.chat_startStream(
-                channel=self.q.channel, thread_ts=self.q.thread_ts, markdown_text=text,
-                recipient_user_id=self.q.user, recipient_team_id=self.q.team or None)
-            self.visible_ts, self.visible_text, self.stream_open = resp["ts"], "", True
-        else:
-            self.web.chat_appendStream(channel=self.q.channel, ts=self.visible_ts, markdown_text=text)
-        self.visible_text += text
-        self._shown(text)
-
-    def _stream_stop(self, metadata_type: str, feedback: bool) -> None:
-        self.web.chat_stopStream(
-            channel=self.q.channel, ts=self.visible_ts,
-            blocks=feedback_blocks(self.ref) if feedback else None,
-            metadata=message_metadata(metadata_type, self.ref))
-        self.visible_ts, self.visible_text, self.stream_open = None, "", False
-
-    def _flush_messages(self, final: bool, metadata_type: str, feedback: bool) -> None:
-        """Without a stream: grow the visible message in place while it fits (chat.update, at
-        most once a second), and at the end split what is left into posted messages."""
-        if not final:
-            combined = self.visible_text + self.pending
-            if (self.visible_ts and len(combined) <= MARKDOWN_LIMIT
-                    and time.monotonic() - self.last_update >= max(1.0, self.flush_seconds)):
-                self.last_update = time.monotonic()
-                with contextlib.suppress(SlackClientError):  # the final flush tries again
-                    update_message(self.web, channel=self.q.channel, ts=self.visible_ts, markdown=combined,
-                                   metadata_type=NOTICE_METADATA, ref=self.ref)
-                    self.visible_text, self.pending = combined, ""
-                    self._shown(combined)
-            return
-        rest: list[str]
-        if self.visible_ts:
-            pieces = split_message(self.visible_text + self.pending, MARKDOWN_LIMIT)
-            try:
-                update_message(self.web, channel=self.q.channel, ts=self.visible_ts, markdown=pieces[0],
-                               metadata_type=metadata_type, ref=self.ref,
-                               extra_blocks=feedback_blocks(self.ref) if feedback and len(pieces) == 1 else None)
-                self._shown(pieces[0])
-                rest = pieces[1:]
-            except SlackClientError as e:
-                # The message keeps what it shows; post only what it does not show yet.
-                log_event(logging.WARNING, "update_failed", ref=self.ref, error=_slack_error_code(e))
-                fence = _open_fence(self.visible_text)
-                leftover = ("" if fence is None else fence + "\n") + self.pending
-                rest = split_message(leftover, MARKDOWN_LIMIT) if self.pending.strip() else []
-            self.visible_ts, self.visible_text = None, ""
-        else:
-            rest = split_message(self.pending, MARKDOWN_LIMIT) if self.pending.strip() else []
-        for i, piece in enumerate(rest):
-            post_message(self.web, channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=piece,
-                         metadata_type=metadata_type, ref=self.ref,
-                         extra_blocks=feedback_blocks(self.ref) if feedback and i == len(rest) - 1 else None)
-            self._shown(piece)
-        self.pending = ""
+            self.metrics.first_token.observe(time.monotonic() - self.received)
 
 
 class Flusher:
     """One thread for all replies: every ``interval`` it flushes replies whose buffered text
     has waited too long because the model went quiet, so a slow model never leaves text
-    sitting in a buffer. Replies register while they are being written."""
+    sitting in a buffer. Replies register while they are being written. ``stop`` ends it."""
 
     def __init__(self, interval: float):
         self.interval = interval
         self._replies: set[Reply] = set()
         self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="stream-flusher", daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-flusher", daemon=True)
+        self._thread.start()
 
     @contextlib.contextmanager
     def watching(self, reply: Reply) -> Iterator[Reply]:
@@ -1348,9 +2013,12 @@ class Flusher:
             with self._lock:
                 self._replies.discard(reply)
 
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
     def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._stop.wait(self.interval):
             with self._lock:
                 replies = list(self._replies)
             for reply in replies:
@@ -1361,24 +2029,86 @@ class Flusher:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 10. Answering
+# 10. Outcomes
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-FAILURE_NOTICES = {
-    "timeout": "Sorry, the model took too long to answer and the request timed out. Please try again in a moment.",
-    "rate_limited": "Sorry, the LLM gateway is rate limiting me right now. Please try again in a minute.",
-    "gateway_error": "Sorry, the LLM gateway is down or returned an error, so I couldn't answer. Please try again shortly.",
-    "context_too_long": "Sorry, this question plus the thread is too long for the model. Please start a new thread with a shorter question.",
-    "slack_error": "Sorry, Slack returned an error while I was answering, so this reply may be incomplete. Please ask again.",
-    "internal_error": "Sorry, something went wrong on my side while answering. Please try again.",
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a question can end: what the person is told (None: the answer itself, or nothing),
+    and the level of its ``answer`` log line. The key is the ``outcome`` metric label."""
+
+    notice: str | None
+    level: int
+
+
+_MISCONFIGURED = "Sorry, I'm misconfigured ({}), so I can't answer right now. The team has been alerted."
+RESTART_NOTICE = "I'm restarting and couldn't finish this answer. Please ask again in a moment."
+
+# Every way a question ends, in one table: adding one is one edit here (plus its meaning in
+# the runbook). The alert rules in workloads/ group these into outage, configuration, budget
+# and restart signals.
+OUTCOMES: dict[str, Outcome] = {
+    "ok": Outcome(None, logging.INFO),
+    "stopped_by_user": Outcome(None, logging.INFO),
+    "interrupted": Outcome(RESTART_NOTICE, logging.WARNING),
+    "timeout": Outcome("Sorry, the model took too long to answer and the request timed out. "
+                       "Please try again in a moment.", logging.WARNING),
+    "rate_limited": Outcome("Sorry, the LLM gateway is rate limiting me right now. Please try again in a minute.",
+                            logging.WARNING),
+    "gateway_error": Outcome("Sorry, the LLM gateway is down or returned an error, so I couldn't answer. "
+                             "Please try again shortly.", logging.WARNING),
+    "gateway_auth_error": Outcome(_MISCONFIGURED.format("the LLM gateway refused my key"), logging.ERROR),
+    "gateway_config_error": Outcome(_MISCONFIGURED.format("the LLM gateway rejected my model or request"),
+                                    logging.ERROR),
+    "gateway_budget_exhausted": Outcome("Sorry, ledger-bot's LLM gateway budget is spent, so I can't answer until "
+                                        "it resets or the team raises it.", logging.ERROR),
+    "content_policy": Outcome("Sorry, the model declined to answer this. Please rephrase the question.",
+                              logging.INFO),
+    "context_too_long": Outcome("Sorry, this question plus the thread is too long for the model. "
+                                "Please start a new thread with a shorter question.", logging.WARNING),
+    "slack_error": Outcome("Sorry, Slack returned an error while I was answering, so this reply may be "
+                           "incomplete. Please ask again.", logging.WARNING),
+    "internal_error": Outcome("Sorry, something went wrong on my side while answering. Please try again.",
+                              logging.ERROR),
+    "busy": Outcome("I'm busy with other questions right now. Please try again in a minute.", logging.WARNING),
+    "user_rate_limited": Outcome("You're asking faster than my per-person limit. Please try again in a minute.",
+                                 logging.INFO),
+    "user_budget_exhausted": Outcome("Sorry, you've used today's per-person LLM budget for ledger-bot. "
+                                     "It resets at 00:00 UTC.", logging.INFO),
+    "fleet_budget_exhausted": Outcome("Sorry, today's LLM budget for ledger-bot is spent. It resets at 00:00 UTC; "
+                                      "please ask again then.", logging.WARNING),
+    "not_allowed": Outcome("Sorry, I'm not enabled here: this channel or user is not on my allow-list. "
+                           "The BOR Write team (@bor-write-eng) can enable it.", logging.INFO),
 }
-BUSY_NOTICE = "I'm busy with other questions right now. Please try again in a minute."
-NOT_ALLOWED_NOTICE = ("Sorry, I'm not enabled here: this channel or user is not on my allow-list. "
-                      "The BOR Write team (@bor-write-eng) can enable it.")
 
 
-def failure_notice(kind: str, ref: str) -> str:
-    return f"{FAILURE_NOTICES[kind]} (ref `{ref}`)"
+class Interrupted(Exception):
+    """The bot is shutting down and this question could not be finished."""
+
+
+class QuestionTooLong(Exception):
+    """The question alone (with the system prompt and knowledge) does not fit the context."""
+
+
+def outcome_of(exc: Exception) -> tuple[str, str]:
+    """The one place that maps a failure to an outcome kind and a log detail. Only ``Exception``
+    reaches here: interpreter-fatal errors (KeyboardInterrupt, SystemExit) pass through."""
+    if isinstance(exc, StoppedByUser):
+        return "stopped_by_user", "the person pressed Stop"
+    if isinstance(exc, Interrupted):
+        return "interrupted", "shutting down"
+    if isinstance(exc, QuestionTooLong):
+        return "context_too_long", "question exceeds the prompt budget"
+    if isinstance(exc, LLMFailure):
+        return exc.kind, exc.detail
+    if isinstance(exc, SlackError):
+        return "slack_error", f"{exc.method}: {exc.code}"
+    return "internal_error", type(exc).__name__
+
+
+def notice_text(kind: str, ref: str, notice: str | None = None) -> str:
+    return f"{notice or OUTCOMES[kind].notice} (ref `{ref}`)"
 
 
 def new_ref() -> str:
@@ -1386,19 +2116,48 @@ def new_ref() -> str:
     return "lb-" + secrets.token_hex(4)
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 11. Answering
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
 @dataclasses.dataclass
 class Job:
+    """One accepted question on its way through the pool. ``settle`` is true exactly once: the
+    worker and the shutdown path race to end a job, and only the winner records it."""
+
     question: Question
     received: float  # time.monotonic() when the envelope arrived
     ref: str = dataclasses.field(default_factory=new_ref)
+    _settled: bool = False
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def settle(self) -> bool:
+        with self._lock:
+            first, self._settled = not self._settled, True
+            return first
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    outcome: str
+    notice: str | None = None  # instead of the outcome's own notice
+
+
+@dataclasses.dataclass
+class Reservation:
+    user: str
+    usd: float
 
 
 class Limits:
     """Per-user rate limit and daily dollar budgets (per user and in total), in memory.
 
     They hold per process: with N replicas the effective limits are N times these (Slack
-    spreads events across connections), and a restart forgets today's spend. ``admit`` is
-    called before a question is queued; ``spend`` after it is answered.
+    spreads events across connections), and a restart forgets today's spend; the gateway's own
+    budgets (keyed by the ``user`` field) are the fleet-wide guard. ``admit`` counts the
+    question and reserves ``reserve_usd`` of both budgets, so questions arriving together
+    cannot overspend; ``settle`` replaces the reservation with the real cost.
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time):
@@ -1410,24 +2169,22 @@ class Limits:
         self._spent_total = 0.0
         self._spent_by_user: dict[str, float] = {}
 
-    def _today(self) -> str:
+    def _today(self) -> None:
         day = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).date().isoformat()
         if day != self._day:
             self._day, self._spent_total, self._spent_by_user = day, 0.0, {}
-        return day
 
-    def admit(self, user: str) -> tuple[str, str] | None:
-        """None if ``user`` may ask now (and count it), else (outcome, notice)."""
+    def admit(self, user: str, reserve_usd: float = 0.0) -> Reservation | Refusal:
         c = self.config
         now = self.clock()
         with self._lock:
             self._today()
-            if c.ledger_bot_daily_budget_usd and self._spent_total >= c.ledger_bot_daily_budget_usd:
-                return "budget_exhausted", ("Sorry, today's LLM budget for ledger-bot is spent. "
-                                            "It resets at 00:00 UTC; please ask again then.")
-            if c.ledger_bot_user_daily_budget_usd and self._spent_by_user.get(user, 0.0) >= c.ledger_bot_user_daily_budget_usd:
-                return "budget_exhausted", ("Sorry, you've used today's per-person LLM budget for ledger-bot. "
-                                            "It resets at 00:00 UTC.")
+            total, mine = c.ledger_bot_daily_budget_usd, c.ledger_bot_user_daily_budget_usd
+            spent = self._spent_by_user.get(user, 0.0)
+            if _over(self._spent_total, reserve_usd, total):
+                return Refusal("fleet_budget_exhausted")
+            if _over(spent, reserve_usd, mine):
+                return Refusal("user_budget_exhausted")
             if c.ledger_bot_user_rate_limit:
                 window = c.ledger_bot_user_rate_window_seconds
                 asked = self._asked.setdefault(user, collections.deque())
@@ -1435,19 +2192,30 @@ class Limits:
                     asked.popleft()
                 if len(asked) >= c.ledger_bot_user_rate_limit:
                     wait = max(1, math.ceil(asked[0] + window - now))
-                    return "user_rate_limited", (f"You've asked {len(asked)} questions in the last "
-                                                 f"{_duration(window)}. Please try again in {_duration(wait)}.")
+                    return Refusal("user_rate_limited", f"You've asked {len(asked)} questions in the last "
+                                                        f"{_duration(window)}. Please try again in {_duration(wait)}.")
                 asked.append(now)
             if len(self._asked) > 10_000:  # forget idle users so memory stays bounded
-                for u in [u for u, q in self._asked.items() if not q or q[-1] <= now - c.ledger_bot_user_rate_window_seconds]:
+                idle = now - c.ledger_bot_user_rate_window_seconds
+                for u in [u for u, q in self._asked.items() if not q or q[-1] <= idle]:
                     del self._asked[u]
-        return None
+            self._spent_total += reserve_usd
+            self._spent_by_user[user] = spent + reserve_usd
+        return Reservation(user, reserve_usd)
 
-    def spend(self, user: str, usd: float) -> None:
+    def settle(self, reservation: Reservation, usd: float) -> None:
         with self._lock:
             self._today()
-            self._spent_total += usd
-            self._spent_by_user[user] = self._spent_by_user.get(user, 0.0) + usd
+            delta = usd - reservation.usd
+            self._spent_total = max(0.0, self._spent_total + delta)
+            self._spent_by_user[reservation.user] = max(0.0, self._spent_by_user.get(reservation.user, 0.0) + delta)
+            reservation.usd = usd
+
+
+def _over(spent: float, reserve: float, budget: float) -> bool:
+    """Would one more question overrun ``budget`` (0: none)? A budget smaller than one
+    reservation still lets a question through when nothing else is spent or reserved."""
+    return bool(budget) and (spent >= budget or (spent > 0 and spent + reserve > budget))
 
 
 def _duration(seconds: float) -> str:
@@ -1457,44 +2225,131 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds / 60)} minutes"
 
 
-class Answerer:
-    """Turns one Question into one reply in its thread; every failure becomes a notice."""
+class ThreadVerdicts:
+    """Follow-ups: is this channel thread one the bot belongs in (it was mentioned in the
+    thread's first message, or it has answered there)? Each thread is checked once, under a
+    lock: a second question arriving while the first check runs waits for its verdict instead
+    of being answered. Positive verdicts are remembered for a week, negative ones for an hour
+    (a later mention in the thread makes it the bot's via ``remember``)."""
 
-    def __init__(self, config: Config, web: WebClient, me: BotIdentity, knowledge: KnowledgeBase, limits: Limits):
+    def __init__(self, check: Callable[[str, str], bool], max_items: int = 20_000):
+        self.check = check
+        self.max_items = max_items
+        self._verdicts: collections.OrderedDict[str, tuple[bool, float]] = collections.OrderedDict()
+        self._checking: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def is_bot_thread(self, channel: str, thread_ts: str) -> bool:
+        key = f"{channel}:{thread_ts}"
+        with self._lock:
+            known = self._get(key)
+            if known is not None:
+                return known
+            pending = self._checking.get(key)
+            if pending is None:
+                self._checking[key] = threading.Event()
+        if pending is not None:
+            pending.wait(30)
+            with self._lock:
+                return bool(self._get(key))
+        verdict: bool | None = None
+        try:
+            verdict = self.check(channel, thread_ts)
+        finally:
+            with self._lock:
+                if verdict is not None:
+                    self._put(key, verdict)
+                self._checking.pop(key).set()
+        return verdict
+
+    def remember(self, channel: str, thread_ts: str) -> None:
+        with self._lock:
+            self._put(f"{channel}:{thread_ts}", True)
+
+    def _get(self, key: str) -> bool | None:
+        entry = self._verdicts.get(key)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def _put(self, key: str, verdict: bool) -> None:
+        self._verdicts[key] = (verdict, time.monotonic() + (7 * 24 * 3600 if verdict else 3600))
+        self._verdicts.move_to_end(key)
+        while len(self._verdicts) > self.max_items:
+            self._verdicts.popitem(last=False)
+
+
+QUERY_THREAD_MESSAGES = 4  # how many recent thread messages join the question in the retrieval query
+
+
+def retrieval_query(question_text: str, thread: list[dict]) -> str:
+    """The text BM25 ranks knowledge by: the question and the last few thread messages."""
+    recent = thread[-QUERY_THREAD_MESSAGES:] if QUERY_THREAD_MESSAGES else []
+    return " ".join([question_text, *(m.get("text") or "" for m in recent)])
+
+
+class Answerer:
+    """Turns one Question into one reply in its thread; every failure becomes a notice.
+
+    ``answer`` runs on a worker; ``interrupt_open`` runs on the main thread at shutdown and ends
+    the replies still being written with RESTART_NOTICE (each job is settled once).
+    """
+
+    def __init__(self, config: Config, api: SlackApi, me: BotIdentity, knowledge: KnowledgeStore, limits: Limits,
+                 metrics: Metrics, llm_client: Any = None):
         self.config = config
-        self.web = web
+        self.api = api
         self.me = me
         self.knowledge = knowledge
         self.limits = limits
-        self.bot_threads = SeenSet(ttl_seconds=7 * 24 * 3600)  # threads the bot answered in
-        self.flusher = Flusher(interval=min(0.1, config.ledger_bot_stream_flush_seconds / 2))
+        self.metrics = metrics
+        self.llm_client = llm_client
+        self.verdicts = ThreadVerdicts(self._thread_started_with_mention)
+        self.flusher = Flusher(interval=config.flusher_interval)
+        self._open: dict[str, tuple[Job, Reply]] = {}
+        self._open_lock = threading.Lock()
+        self._reserve_usd: float | None = None
+
+    def reserve_usd(self) -> float:
+        """What a question is assumed to cost until it is answered: a 20,000-token prompt and
+        the longest answer allowed."""
+        if self._reserve_usd is None:
+            c = self.config
+            self._reserve_usd = cost_usd(c, Usage(prompt_tokens=min(c.ledger_bot_context_tokens, 20_000),
+                                                  completion_tokens=c.ledger_bot_max_output_tokens))
+        return self._reserve_usd
 
     def answer(self, job: Job) -> str:
-        """Answer ``job``; returns the outcome (also logged and counted)."""
+        """Answer ``job``; returns the outcome (also logged and counted unless shutdown got there
+        first). Follow-ups in threads that are not the bot's are dropped silently."""
         q = job.question
+        if q.kind == "followup" and not self.verdicts.is_bot_thread(q.channel, q.thread_ts):
+            log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
+            job.settle()
+            return "ignored"
+        admitted = self.limits.admit(q.user, self.reserve_usd())
+        if isinstance(admitted, Refusal):
+            if job.settle():
+                self.refuse(job, admitted.outcome, admitted.notice)
+            return admitted.outcome
         c = self.config
-        if q.kind == "followup":
-            if not self._thread_started_with_mention(q):
-                log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
-                return "ignored"
-            refusal = self.limits.admit(q.user)
-            if refusal is not None:
-                self.refuse(job, *refusal)
-                return refusal[0]
-        usage = Usage()
-        reply = Reply(self.web, q, job.ref, streaming=c.ledger_bot_streaming,
-                      flush_chars=c.ledger_bot_stream_flush_chars, flush_seconds=c.ledger_bot_stream_flush_seconds,
-                      feedback=c.ledger_bot_feedback, received=job.received)
-        outcome, error, sections = "ok", None, 0
+        reply = Reply(self.api, q, job.ref, streaming=c.ledger_bot_streaming, flush_chars=c.ledger_bot_stream_flush_chars,
+                      flush_seconds=c.ledger_bot_stream_flush_seconds, feedback=c.ledger_bot_feedback,
+                      received=job.received, metrics=self.metrics)
+        with self._open_lock:
+            self._open[job.ref] = (job, reply)
+        usage, shown_text, messages = Usage(), [], []
+        outcome, detail, cited = "ok", None, []
+        choice: KnowledgeChoice | None = None
         try:
             reply.show_feedback()
-            FIRST_FEEDBACK.observe(time.monotonic() - job.received)
-            thread = (fetch_thread(self.web, channel=q.channel, thread_ts=q.thread_ts,
-                                   max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
+            self.metrics.first_feedback.observe(time.monotonic() - job.received)
+            thread = (self.api.fetch_thread(channel=q.channel, thread_ts=q.thread_ts,
+                                            max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
             count = token_counter(c)
-            query = " ".join([q.text, *(m.get("text") or "" for m in thread[-4:])])
-            choice = self.knowledge.choose(query, int(c.ledger_bot_context_tokens * c.ledger_bot_knowledge_share), count)
-            sections = len(choice.labels)
+            kb = self.knowledge.current()
+            choice = kb.choose(retrieval_query(q.text, thread),
+                               int(c.ledger_bot_context_tokens * c.ledger_bot_knowledge_share), count)
             log_event(logging.DEBUG, "knowledge_chosen", ref=job.ref, whole=choice.whole, sections=list(choice.labels))
             messages = build_llm_messages(
                 question=q, thread=thread, me=self.me, system_prompt=SYSTEM_PROMPT,
@@ -1502,76 +2357,120 @@ class Answerer:
                 knowledge=choice, token_budget=c.ledger_bot_context_tokens - c.ledger_bot_max_output_tokens,
                 count_tokens=count)
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
-            with self.flusher.watching(reply):
-                for text in stream_completion(c, messages, usage):
-                    reply.add(text)
-            reply.finish()
-            if c.ledger_bot_follow_ups:  # only follow-ups need to know where the bot answered
-                self.bot_threads.add(f"{q.channel}:{q.thread_ts}")
-        except QuestionTooLong:
-            outcome, error = "context_too_long", "question exceeds the prompt budget"
-        except LLMFailure as e:
-            outcome, error = e.kind, e.detail
-        except SlackClientError as e:
-            outcome, error = "slack_error", _slack_error_code(e)
-        except Exception as e:  # noqa: BLE001 - a bug must still produce a reply and a log line
-            outcome, error = "internal_error", type(e).__name__
-            log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
-        if outcome != "ok":
+            text = AnswerText()
+            stream = stream_completion(c, messages, usage, client=self.llm_client,
+                                       user=gateway_user(c, q.team, q.user))
             try:
-                reply.fail(failure_notice(outcome, job.ref))
-            except SlackClientError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
-        self._record(job, outcome, error, usage, sections)
+                with self.flusher.watching(reply):
+                    for chunk in stream:
+                        shown_text.append(chunk)
+                        if out := text.feed(chunk):
+                            reply.add(out)
+            finally:
+                stream.close()  # after Stop or a failure: the gateway stops generating
+            rest, labels = text.end()
+            sent = {s.label: s for s in choice.sections}
+            cited = [sent[label] for label in dict.fromkeys(labels) if label in sent]
+            reply.finish(rest, cited)
+            if reply.stopped:
+                raise StoppedByUser()
+            if c.ledger_bot_follow_ups and q.in_thread:
+                self.verdicts.remember(q.channel, q.thread_ts)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome and a notice
+            outcome, detail = outcome_of(exc)
+            if outcome == "internal_error":
+                log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
+        finally:
+            with self._open_lock:
+                self._open.pop(job.ref, None)
+        if not job.settle():
+            return "interrupted"  # shutdown ended this reply and recorded it
+        if OUTCOMES[outcome].notice and outcome != "ok":
+            try:
+                reply.fail(notice_text(outcome, job.ref))
+            except SlackError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+        if not usage.completion_tokens and shown_text:
+            self._estimate(usage, messages, "".join(shown_text))
+        cost = cost_usd(c, usage)
+        self.limits.settle(admitted, cost)
+        self._record(job, outcome, detail, usage, cost, choice, cited)
         return outcome
 
-    def refuse(self, job: Job, outcome: str, notice: str | None) -> None:
-        """Turn a question away: count and log it, and post ``notice`` (if any) in its thread."""
-        q = job.question
-        ANSWERS.labels(outcome=outcome).inc()
-        log_event(logging.WARNING if outcome == "busy" else logging.INFO, "answer", ref=job.ref, channel=q.channel,
-                  user=q.user, latency_ms=0, outcome=outcome, event_id=q.event_id, kind=q.kind)
-        if notice:
+    def _estimate(self, usage: Usage, messages: list[dict], text: str) -> None:
+        """A cut answer's tokens, counted here because the gateway never reported them: the
+        whole prompt was read, and what arrived of the answer was generated."""
+        count = token_counter(self.config)
+        usage.prompt_tokens = usage.prompt_tokens or count(json.dumps(messages, ensure_ascii=False))
+        usage.completion_tokens = count(text)
+        usage.estimated = True
+
+    def interrupt_open(self) -> int:
+        """Shutdown: end every reply still being written with RESTART_NOTICE (stream stopped),
+        recording outcome ``interrupted``; returns how many."""
+        with self._open_lock:
+            open_now = list(self._open.values())
+        ended = 0
+        for job, reply in open_now:
+            if not job.settle():
+                continue
             try:
-                post_message(self.web, channel=q.channel, thread_ts=q.thread_ts, markdown=f"{notice} (ref `{job.ref}`)",
-                             metadata_type=NOTICE_METADATA, ref=job.ref)
-            except SlackClientError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=_slack_error_code(e))
+                reply.interrupt(notice_text("interrupted", job.ref))
+            except SlackError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+            self._record(job, "interrupted", "drain deadline passed", Usage(), 0.0, None, [])
+            ended += 1
+        return ended
 
-    def _thread_started_with_mention(self, q: Question) -> bool:
-        """Follow-ups: is this channel thread one the bot was mentioned in at its start?"""
-        if not self.bot_threads.add(f"{q.channel}:{q.thread_ts}"):
-            return True  # the bot has answered in this thread already
+    def refuse(self, job: Job, outcome: str, notice: str | None = None, *, post: bool = True) -> None:
+        """Turn a question away: count and log it, and post its notice in the thread."""
+        q = job.question
+        self.metrics.answers.labels(outcome=outcome).inc()
+        log_event(OUTCOMES[outcome].level, "answer", ref=job.ref, channel=q.channel, user=q.user, latency_ms=0,
+                  outcome=outcome, event_id=q.event_id, kind=q.kind)
+        if post and (notice or OUTCOMES[outcome].notice):
+            try:
+                self.api.post_message(channel=q.channel, thread_ts=q.thread_ts, markdown=notice_text(outcome, job.ref,
+                                                                                                     notice),
+                                      metadata_type=NOTICE_METADATA, ref=job.ref)
+            except SlackError as e:
+                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+
+    def _thread_started_with_mention(self, channel: str, thread_ts: str) -> bool:
         try:
-            root = fetch_thread_root(self.web, channel=q.channel, thread_ts=q.thread_ts)
-        except SlackClientError:
-            root = None
-        started = root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
-        if not started:
-            self.bot_threads.forget(f"{q.channel}:{q.thread_ts}")
-        return started
+            root = self.api.fetch_thread_root(channel=channel, thread_ts=thread_ts)
+        except SlackError:
+            return False
+        return root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
 
-    def _record(self, job: Job, outcome: str, error: str | None, usage: Usage, sections: int) -> None:
+    def _record(self, job: Job, outcome: str, error: str | None, usage: Usage, cost: float,
+                choice: KnowledgeChoice | None, cited: list[Section]) -> None:
         latency = time.monotonic() - job.received
-        cost = usage.cost_usd(self.config)
-        self.limits.spend(job.question.user, cost)
-        ANSWERS.labels(outcome=outcome).inc()
-        ANSWER_DURATION.observe(latency)
-        LLM_TOKENS.labels(kind="prompt").inc(usage.prompt_tokens)
-        LLM_TOKENS.labels(kind="completion").inc(usage.completion_tokens)
-        LLM_COST.inc(cost)
+        m = self.metrics
+        m.answers.labels(outcome=outcome).inc()
+        m.answer_duration.observe(latency)
+        m.llm_tokens.labels(kind="prompt").inc(usage.prompt_tokens)
+        m.llm_tokens.labels(kind="completion").inc(usage.completion_tokens)
+        m.llm_cost.inc(cost)
+        if outcome == "ok":
+            m.sources.labels(cited="yes" if cited else "no").inc()
         log_event(
-            logging.INFO if outcome == "ok" else logging.WARNING, "answer",
+            OUTCOMES[outcome].level, "answer",
             ref=job.ref, channel=job.question.channel, user=job.question.user,
             latency_ms=round(latency * 1000),
-            tokens={"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "cached": usage.cached_tokens},
+            tokens={"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "cached": usage.cached_tokens,
+                    "estimated": usage.estimated},
             cost_usd=round(cost, 6), outcome=outcome, error=error,
-            event_id=job.question.event_id, kind=job.question.kind, knowledge_sections=sections,
+            event_id=job.question.event_id, kind=job.question.kind,
+            knowledge_sections=len(choice.sections) if choice else 0, sources=[s.label for s in cited],
         )
+
+    def close(self) -> None:
+        self.flusher.stop()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 11. Lifecycle
+# 12. Dispatch
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -1588,7 +2487,8 @@ class SeenSet:
         """Record ``keys``; False (recording nothing) if any of them was seen recently."""
         now = time.monotonic()
         with self._lock:
-            while self._items and (len(self._items) >= self.max_items or next(iter(self._items.values())) < now - self.ttl):
+            while self._items and (len(self._items) >= self.max_items
+                                   or next(iter(self._items.values())) < now - self.ttl):
                 self._items.popitem(last=False)
             if any(k in self._items for k in keys):
                 return False
@@ -1596,28 +2496,381 @@ class SeenSet:
                 self._items[k] = now
             return True
 
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
+
+class Notifier:
+    """One thread that posts refusals and thank-yous, so slack_sdk's listener pool never waits
+    on Slack (retries, rate budgets) on exactly the overload path. ``close`` posts what is
+    queued (up to a deadline) and stops the thread."""
+
+    def __init__(self, size: int = 256):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=size)
+        self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: Callable[[], None]) -> bool:
+        try:
+            self._queue.put_nowait(task)
+            return True
+        except queue.Full:
+            log_event(logging.WARNING, "notice_dropped", reason="notice queue full")
+            return False
+
+    def _run(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - one failed notice must not stop the others
+                log.exception("notice_failed")
+
+    def close(self, timeout: float) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+
+
+class Dispatcher:
+    """Decides what to do with one acked envelope: ignore, drop as duplicate, refuse (not
+    allowed, busy), record a feedback vote, or queue the question for a worker. Runs on
+    slack_sdk's listener pool: it never calls Slack itself (notices go to the Notifier).
+
+    Allow-lists: LEDGER_BOT_ALLOWED_CHANNELS governs channels; DMs are governed by
+    LEDGER_BOT_ALLOWED_USERS alone (a DM has no channel anyone could allow-list).
+    """
+
+    def __init__(self, config: Config, me: BotIdentity, answerer: Answerer, pool: WorkerPool, notifier: Notifier,
+                 metrics: Metrics):
+        self.config = config
+        self.me = me
+        self.answerer = answerer
+        self.pool = pool
+        self.notifier = notifier
+        self.metrics = metrics
+        self.seen = SeenSet()
+        self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
+        self.votes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._votes_lock = threading.Lock()
+
+    def dispatch(self, envelope_type: str, payload: dict, received: float, *, envelope_id: str = "",
+                 retry_attempt: int | None = None) -> None:
+        if envelope_type == "interactive" and payload.get("type") == "block_actions":
+            self._on_block_actions(payload)
+            return
+        if envelope_type != "events_api":
+            self.metrics.events.labels(type="other", outcome="ignored").inc()
+            log_event(logging.DEBUG, "envelope_ignored", envelope_type=envelope_type)
+            return
+        raw_event = payload.get("event") or {}
+        event_type = str(raw_event.get("type") or "unknown")
+        metric_type = event_type if event_type in ("app_mention", "message") else "other"
+        event_id = str(payload.get("event_id") or "")
+        try:
+            event = msgspec.convert(raw_event, SlackEvent, strict=False)
+        except msgspec.ValidationError as e:
+            self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
+            log_event(logging.WARNING, "event_rejected", event_id=event_id, reason="malformed", error=str(e))
+            return
+        verdict = classify_event(event_type, event, event_id, str(payload.get("team_id") or ""), self.me,
+                                 follow_ups=self.config.ledger_bot_follow_ups)
+        if isinstance(verdict, Ignored):
+            self.metrics.events.labels(type=metric_type, outcome="ignored").inc()
+            log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
+            return
+        # One answer per event (Slack redelivers) and per message (a mention can also arrive as
+        # a `message` event). An event without an id is known by its envelope and message.
+        keys = [f"msg:{verdict.channel}:{verdict.ts}", f"event:{event_id}" if event_id else f"envelope:{envelope_id}"]
+        if not self.seen.add(*keys):
+            self.metrics.events.labels(type=metric_type, outcome="duplicate").inc()
+            log_event(logging.INFO, "event_duplicate", event_id=event_id, channel=verdict.channel,
+                      retry_attempt=retry_attempt)
+            return
+        job = Job(verdict, received)
+        refusal = self._not_allowed(verdict)
+        if refusal is None and not self.pool.submit(job):
+            refusal = Refusal("busy")
+        if refusal is not None:
+            self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
+            job.settle()
+            self.notifier.submit(lambda: self.answerer.refuse(job, refusal.outcome, refusal.notice,
+                                                              post=refusal.notice != ""))
+            return
+        self.metrics.events.labels(type=metric_type, outcome="accepted").inc()
+        log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=event_id, channel=verdict.channel,
+                  user=verdict.user, kind=verdict.kind, retry_attempt=retry_attempt)
+        log_event(logging.DEBUG, "question_text", ref=job.ref, text=verdict.text)
+
+    def _not_allowed(self, q: Question) -> Refusal | None:
+        """A refusal if an allow-list excludes this question (the notice once a day per channel,
+        or per user in DMs; ``notice=""`` for silence), else None."""
+        c = self.config
+        channel_ok = not c.ledger_bot_allowed_channels or q.kind == "dm" or q.channel in c.ledger_bot_allowed_channels
+        user_ok = not c.ledger_bot_allowed_users or q.user in c.ledger_bot_allowed_users
+        if channel_ok and user_ok:
+            return None
+        where = q.user if q.kind == "dm" or channel_ok else q.channel
+        return Refusal("not_allowed", None if self.told_not_allowed.add(where) else "")
+
+    def _on_block_actions(self, payload: dict) -> None:
+        """👍/👎 votes: one per person per answer (a second click that changes the vote is
+        logged as a change, not counted again); an ephemeral thank-you for a first vote."""
+        actions = payload.get("actions") or []
+        action = actions[0] if actions and isinstance(actions[0], dict) else {}
+        value = str(action.get("value") or "")
+        vote, _, ref = value.partition(":")
+        if action.get("action_id") != FEEDBACK_ACTION or vote not in ("up", "down") or not ref:
+            self.metrics.events.labels(type="block_actions", outcome="ignored").inc()
+            return
+        self.metrics.events.labels(type="block_actions", outcome="accepted").inc()
+        user = str((payload.get("user") or {}).get("id") or "")
+        channel = str((payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id")
+                      or "")
+        with self._votes_lock:
+            before = self.votes.get(f"{ref}:{user}")
+            self.votes[f"{ref}:{user}"] = vote
+            while len(self.votes) > 50_000:
+                self.votes.popitem(last=False)
+        if before == vote:
+            return
+        if before is None:
+            self.metrics.feedback.labels(value=vote).inc()
+        log_event(logging.INFO, "feedback", ref=ref, value=vote, changed_from=before, channel=channel, user=user)
+        thread_ts = (payload.get("message") or {}).get("thread_ts") or None
+        if channel and user and before is None:
+            self.notifier.submit(lambda: self._thank(channel=channel, user=user, thread_ts=thread_ts))
+
+    def _thank(self, *, channel: str, user: str, thread_ts: str | None) -> None:
+        try:
+            self.answerer.api.post_ephemeral(channel=channel, user=user, thread_ts=thread_ts,
+                                             text="Thanks for the feedback! It helps the BOR Write team improve my "
+                                                  "answers.")
+        except SlackError as e:
+            log_event(logging.WARNING, "feedback_thanks_failed", error=e.code)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 13. Socket Mode
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+PING_INTERVAL_SECONDS = 2.0  # slack_sdk pings this often; Slack answers each with a pong
+DEAD_AFTER_SECONDS = 10.0  # no pong and no frame for this long: the connection is dead
+HELLO_WAIT_SECONDS = 10.0  # a new connection that says no hello within this is retried
+RECEIVE_BUFFER_BYTES = 512 * 1024  # slack_sdk's 1 KB default recurses per chunk on MB frames
+
+
+class SocketLink:
+    """The Socket Mode connection: opens it, acks envelopes on the reader thread, and keeps
+    /ready true only while a connection that said ``hello`` is alive.
+
+    slack_sdk's own reconnection is off: its stale check takes ~30 s to notice a connection
+    that died without a close frame, it does not retry a reconnect that fails, and it retries a
+    revoked token forever. The socket-watchdog thread does it instead: a connection with no pong
+    or frame for DEAD_AFTER_SECONDS is dead; a lost one is replaced with capped backoff; one
+    line is logged per transition; a refused app token calls ``on_auth_failed``.
+    """
+
+    def __init__(self, config: Config, health: Health, metrics: Metrics, on_request: Callable[[SocketModeRequest,
+                 float], None], on_auth_failed: Callable[[str, str], None]):
+        self.config = config
+        self.health = health
+        self.metrics = metrics
+        self.on_request = on_request
+        self.on_auth_failed = on_auth_failed
+        self.client = SocketModeClient(
+            app_token=config.slack_app_token, web_client=make_web_client(config, token=config.slack_bot_token),
+            auto_reconnect_enabled=False, ping_interval=PING_INTERVAL_SECONDS,
+            receive_buffer_size=RECEIVE_BUFFER_BYTES, concurrency=10,
+            on_message_listeners=[self.on_frame], on_close_listeners=[self._on_close])
+        self.client.socket_mode_request_listeners.append(self._on_request)
+        # envelope_id -> monotonic arrival if acked, None if not (no usable id, or stopping);
+        # written by on_frame, popped by _on_request, which may run first (slack_sdk queues the
+        # frame for its listeners before it calls on_frame) and so waits for the entry.
+        self._acked: dict[Any, float | None] = {}
+        self._acked_cv = threading.Condition()
+        self._hellos = 0
+        self._alive_at = 0.0  # wall clock of the last frame or hello (pongs are read from slack_sdk)
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    def start(self, stop: threading.Event) -> bool:
+        """Open the first connection, retrying with backoff; then start the watchdog. Returns
+        False if ``stop`` was set first. A refused app token calls ``on_auth_failed``."""
+        delays = backoff_delays()
+        while not stop.is_set():
+            if self._open():
+                self._watchdog = threading.Thread(target=self._watch, name="socket-watchdog", daemon=True)
+                self._watchdog.start()
+                return True
+            stop.wait(next(delays))
+        return False
+
+    def _open(self) -> bool:
+        try:
+            self.client.connect_to_new_endpoint(force=True)
+            return True
+        except Exception as e:  # noqa: BLE001 - Slack down, rate limited, DNS: all retried
+            code = str(e.response.get("error")) if isinstance(e, SlackApiError) else type(e).__name__
+            if code in FATAL_AUTH_ERRORS:
+                self.on_auth_failed("SLACK_APP_TOKEN", code)
+                self._stop.set()
+            else:
+                log_event(logging.WARNING, "slack_reconnect_failed", error=code)
+            return False
+
+    def _watch(self) -> None:
+        """socket-watchdog: once a second, is the connection alive? If not, replace it."""
+        delays = backoff_delays()
+        retry_at = 0.0
+        attempt_at = time.monotonic()
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            if self.health.connected:
+                silent = time.time() - max(self._alive_at, self._last_pong())
+                if not self.client.is_connected() or silent > DEAD_AFTER_SECONDS:
+                    self._lost("slack_connection_dead" if self.client.is_connected() else "slack_disconnected",
+                               silent_s=round(silent, 1))
+                    retry_at = now
+                else:
+                    delays = backoff_delays()
+                continue
+            if now < retry_at or now - attempt_at < HELLO_WAIT_SECONDS and self.client.is_connected():
+                continue
+            attempt_at = now
+            if not self._open():
+                wait = next(delays)
+                retry_at = now + wait
+                log_event(logging.INFO, "slack_reconnect_scheduled", retry_in_s=round(wait, 1))
+
+    def _last_pong(self) -> float:
+        session = self.client.current_session
+        return (getattr(session, "last_ping_pong_time", None) or 0.0) if session is not None else 0.0
+
+    def _lost(self, event: str, **fields: Any) -> None:
+        if self.health.connected:
+            self._set_connected(False)
+            log_event(logging.WARNING, event, **fields)
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def on_frame(self, raw: str) -> None:
+        """Runs on the socket's reader thread for every frame: must be cheap and never raise.
+
+        Envelopes are acked here, from the parsed top-level ``envelope_id``, before anything
+        else: handing the ack to slack_sdk's queue and listener pool costs two thread switches,
+        each waiting for the interpreter lock while workers stream answers. After SIGTERM
+        nothing is acked, so Slack redelivers to another connection.
+        """
+        now = time.monotonic()
+        self._alive_at = time.time()
+        try:
+            frame = json.loads(raw)
+            if not isinstance(frame, dict):
+                return
+            envelope_id = frame.get("envelope_id")
+            if envelope_id is not None and not isinstance(envelope_id, (dict, list)):
+                acked = isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
+                if acked:
+                    self.client.send_socket_mode_response({"envelope_id": envelope_id})
+                    self.metrics.ack_latency.observe(time.monotonic() - now)
+                with self._acked_cv:
+                    self._acked[envelope_id] = now if acked else None
+                    if len(self._acked) > 10_000:  # envelopes slack_sdk never handed on
+                        for stale in list(self._acked)[:1000]:
+                            del self._acked[stale]
+                    self._acked_cv.notify_all()
+            kind = frame.get("type")
+            if kind == "hello":
+                self._hellos += 1
+                if self._hellos > 1:
+                    self.metrics.socket_reconnects.inc()
+                self._set_connected(True)
+                self._no_delay()
+                log_event(logging.INFO, "slack_connected", connections=self._hellos)
+            elif kind == "disconnect":
+                self._set_connected(False)
+                log_event(logging.INFO, "slack_disconnect_requested", reason=frame.get("reason"))
+        except Exception:  # noqa: BLE001
+            log.debug("frame_inspect_failed", exc_info=True)
+
+    def _on_request(self, client: SocketModeClient, req: SocketModeRequest) -> None:
+        """slack_sdk's listener pool: hand on an envelope ``on_frame`` acked; never one it did
+        not (Slack would redeliver it, and the redelivery is the one to answer)."""
+        try:
+            with self._acked_cv:
+                self._acked_cv.wait_for(lambda: req.envelope_id in self._acked, timeout=2)
+                received = self._acked.pop(req.envelope_id, None)
+            if received is None or self.health.stopping:
+                return
+            self.on_request(req, received)
+        except Exception:  # noqa: BLE001 - a bad event is logged and skipped, never fatal
+            self.metrics.events.labels(type="other", outcome="rejected").inc()
+            log.exception("event_rejected", extra={"fields": {"envelope_type": req.type}})
+
+    def _no_delay(self) -> None:
+        """TCP_NODELAY on the socket (slack_sdk sets it only behind a proxy): each ack is one
+        small write, and Nagle would hold it until Slack ACKs the previous one."""
+        sock = getattr(self.client.current_session, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_close(self, code: int, reason: str | None = None) -> None:
+        if self.health.connected:
+            self._set_connected(False)
+            log_event(logging.INFO, "slack_socket_closed", code=code)
+
+    def _set_connected(self, value: bool) -> None:
+        self.health.connected = value
+        self.metrics.socket_connected.set(1 if value else 0)
+
+    def problem(self) -> str | None:
+        if self._hellos and not self.client.message_processor.is_alive():
+            return "Socket Mode message processor thread died"
+        return None
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket at once (Slack then sends events to other connections); slack_sdk's
+        own close() joins its timer threads for 2-3 s, so it runs in the background."""
+        self._stop.set()
+        self._set_connected(False)
+        session = self.client.current_session
+        with contextlib.suppress(Exception):
+            session.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv()
+        closer = threading.Thread(target=self.client.close, name="socket-close", daemon=True)
+        closer.start()
+        deadline = time.monotonic() + 3.5
+        while self.client.is_connected() and closer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._watchdog is not None:
+            self._watchdog.join(2)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 14. Lifecycle
+# ════════════════════════════════════════════════════════════════════════════════════════
 
 
 class WorkerPool:
     """A fixed set of worker threads over a bounded queue.
 
     ``submit`` never blocks: it returns False when the queue is full so the caller can say
-    "busy". ``drain`` waits for queued and running jobs until a deadline.
+    "busy". ``drain`` waits for queued and running jobs until a deadline; ``take_queued``
+    empties the queue (shutdown tells those people to ask again); ``close`` stops the threads.
     """
 
-    def __init__(self, handler: Callable[[Job], Any], workers: int, queue_size: int):
+    def __init__(self, handler: Callable[[Job], Any], workers: int, queue_size: int, metrics: Metrics):
         self.handler = handler
+        self.metrics = metrics
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.busy = 0
         self._busy_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.threads = [
-            threading.Thread(target=self._run, name=f"answer-{i}", daemon=True) for i in range(workers)
-        ]
+        self.threads = [threading.Thread(target=self._run, name=f"answer-{i}", daemon=True) for i in range(workers)]
         for t in self.threads:
             t.start()
 
@@ -1626,31 +2879,27 @@ class WorkerPool:
             self.queue.put_nowait(job)
         except queue.Full:
             return False
-        QUEUE_DEPTH.set(self.queue.qsize())
+        self.metrics.queue_depth.set(self.queue.qsize())
         return True
 
     def _run(self) -> None:
         name = threading.current_thread().name
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            QUEUE_DEPTH.set(self.queue.qsize())
+        while (job := self.queue.get()) is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
             with self._lock:
                 self.busy += 1
                 self._busy_since[name] = time.monotonic()
-                WORKERS_BUSY.set(self.busy)
+                self.metrics.workers_busy.set(self.busy)
             try:
                 self.handler(job)
-            except BaseException:  # noqa: BLE001 - a worker must outlive any job
+            except Exception:  # noqa: BLE001 - a worker must outlive any job
                 log.exception("worker_job_crashed")
             finally:
                 with self._lock:
                     self.busy -= 1
                     self._busy_since.pop(name, None)
-                    WORKERS_BUSY.set(self.busy)
+                    self.metrics.workers_busy.set(self.busy)
                     self._idle.notify_all()
-                self.queue.task_done()
 
     def pending(self) -> int:
         with self._lock:
@@ -1667,6 +2916,25 @@ class WorkerPool:
                 self._idle.wait(min(left, 0.1))
         return True
 
+    def take_queued(self) -> list[Job]:
+        """Everything still waiting for a worker, removed from the queue."""
+        jobs = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self.queue.get_nowait()
+                if job is not None:
+                    jobs.append(job)
+        self.metrics.queue_depth.set(0)
+        return jobs
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop every worker once its current job ends (waiting at most ``timeout`` s in all)."""
+        for _ in self.threads:
+            self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     def problem(self, stuck_after: float) -> str | None:
         """Why the pool is unhealthy (a dead or wedged worker), or None."""
         dead = [t.name for t in self.threads if not t.is_alive()]
@@ -1678,252 +2946,57 @@ class WorkerPool:
         return f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}" if stuck else None
 
 
-_ENVELOPE_ID = re.compile(r'"envelope_id"\s*:\s*"([^"]+)"')
-
-
 class Bot:
-    """Wires Socket Mode to the worker pool and keeps /ready honest about the connection."""
+    """Everything that runs once the bot knows who it is: the Socket Mode link, the dispatcher,
+    the worker pool, the notices thread and the answerer; ``shutdown`` stops them all."""
 
-    def __init__(self, config: Config, web: WebClient, me: BotIdentity, health: Health, knowledge: KnowledgeBase):
+    def __init__(self, config: Config, api: SlackApi, me: BotIdentity, health: Health, knowledge: KnowledgeStore,
+                 metrics: Metrics, on_auth_failed: Callable[[str, str], None]):
         self.config = config
-        self.web = web
-        self.me = me
         self.health = health
-        self.limits = Limits(config)
-        self.answerer = Answerer(config, web, me, knowledge, self.limits)
-        self.seen = SeenSet()
-        self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
-        self.pool = WorkerPool(self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size)
-        stuck_after = (config.ledger_bot_llm_timeout_seconds * (config.ledger_bot_llm_max_retries + 1)
-                       + ANSWER_HARD_LIMIT_SECONDS + 60)
-        health.liveness_checks.append(lambda: self.pool.problem(stuck_after))
-        health.liveness_checks.append(self._dispatcher_problem)
-        self.client: SocketModeClient | None = None
-        self._hellos = 0
-        self._frame_arrivals: collections.deque[tuple[str, float]] = collections.deque(maxlen=256)
+        self.metrics = metrics
+        self.answerer = Answerer(config, api, me, knowledge, Limits(config), metrics, make_llm_client(config))
+        self.pool = WorkerPool(self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics)
+        self.notifier = Notifier()
+        self.dispatcher = Dispatcher(config, me, self.answerer, self.pool, self.notifier, metrics)
+        self.link = SocketLink(config, health, metrics, self._on_request, on_auth_failed)
+        stuck_after = config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
+        health.liveness_checks[:] = [lambda: self.pool.problem(stuck_after), self.link.problem]
 
-    # -- Socket Mode ------------------------------------------------------------------------
+    def _on_request(self, req: SocketModeRequest, received: float) -> None:
+        self.dispatcher.dispatch(req.type, req.payload or {}, received, envelope_id=req.envelope_id,
+                                 retry_attempt=req.retry_attempt)
 
     def connect(self, stop: threading.Event) -> bool:
-        """Connect to Socket Mode, retrying with capped exponential backoff (1 s .. 30 s).
+        return self.link.start(stop)
 
-        slack_sdk never retries a failed *first* connect; after one success it reconnects by
-        itself. Returns False if ``stop`` was set before a connection was made.
-        """
-        client = SocketModeClient(
-            app_token=self.config.slack_app_token,
-            web_client=self.web,
-            concurrency=10,
-            on_message_listeners=[self._on_frame],
-            on_close_listeners=[self._on_close],
-        )
-        client.socket_mode_request_listeners.append(self._on_request)
-        self.client = client
-        delays = backoff_delays()
-        while not stop.is_set():
-            try:
-                client.connect()
-                return True
-            except Exception as e:  # noqa: BLE001 - Slack down, rate limited, DNS: all retried
-                if isinstance(e, SlackApiError) and e.response.get("error") in FATAL_AUTH_ERRORS:
-                    raise
-                wait = next(delays)
-                log_event(logging.WARNING, "slack_connect_failed", error=_slack_error_code(e), retry_in_s=round(wait, 1))
-                stop.wait(wait)
-        return False
-
-    def _on_frame(self, raw: str) -> None:
-        """Runs on the socket's reader thread for every frame: must be cheap and never raise
-        (an exception here drops the rest of that read's frames).
-
-        Envelopes are acked here, before anything else: handing the ack to slack_sdk's message
-        queue and then its listener pool costs two thread switches, each waiting for the
-        interpreter lock while workers stream answers (measured: ack p99 of seconds under
-        load). After SIGTERM nothing is acked, so Slack redelivers to another connection.
-        """
-        try:
-            now = time.monotonic()
-            m = _ENVELOPE_ID.search(raw)
-            if m:
-                self._frame_arrivals.append((m.group(1), now))
-                if not self.health.stopping and self.client is not None:
-                    self.client.send_socket_mode_response({"envelope_id": m.group(1)})
-                    ACK_LATENCY.observe(time.monotonic() - now)
-            if '"hello"' in raw:
-                if json.loads(raw).get("type") == "hello":
-                    self._hellos += 1
-                    if self._hellos > 1:
-                        SOCKET_RECONNECTS.inc()
-                    self._set_connected(True)
-                    self._no_delay()
-                    log_event(logging.INFO, "slack_connected", connections=self._hellos)
-            elif '"disconnect"' in raw and json.loads(raw).get("type") == "disconnect":
-                self._set_connected(False)
-                log_event(logging.INFO, "slack_disconnect_requested")
-        except Exception:  # noqa: BLE001
-            log.debug("frame_inspect_failed", exc_info=True)
-
-    def _no_delay(self) -> None:
-        """TCP_NODELAY on the Socket Mode socket (slack_sdk sets it only behind a proxy): each
-        ack is one small write, and Nagle would hold it until Slack ACKs the previous one."""
-        sock = getattr(getattr(self.client, "current_session", None), "sock", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _on_close(self, code: int, reason: str | None = None) -> None:
-        self._set_connected(False)
-        log_event(logging.INFO, "slack_socket_closed", code=code)
-
-    def _set_connected(self, value: bool) -> None:
-        self.health.connected = value
-        SOCKET_CONNECTED.set(1 if value else 0)
-
-    def _dispatcher_problem(self) -> str | None:
-        client = self.client
-        if client is None:
-            return None
-        if not client.message_processor.is_alive():
-            return "Socket Mode message processor thread died"
-        return None
-
-    def _on_request(self, client: SocketModeClient, req: SocketModeRequest) -> None:
-        """Classify and enqueue an envelope that ``_on_frame`` has already acked. Runs on
-        slack_sdk's listener pool. After SIGTERM nothing is taken on (nor acked): Slack then
-        redelivers the event to another connection, so nothing is lost."""
-        if self.health.stopping:
-            return
-        received = self._arrival(req.envelope_id)
-        try:
-            self.dispatch(req.type, req.payload or {}, received, retry_attempt=req.retry_attempt)
-        except Exception:  # noqa: BLE001 - a bad event is logged and skipped, never fatal
-            EVENTS.labels(type="other", outcome="rejected").inc()
-            log.exception("event_rejected", extra={"fields": {"envelope_type": req.type}})
-
-    def _arrival(self, envelope_id: str) -> float:
-        for eid, at in reversed(self._frame_arrivals):
-            if eid == envelope_id:
-                return at
-        return time.monotonic()
-
-    def dispatch(self, envelope_type: str, payload: dict, received: float, retry_attempt: int | None = None) -> None:
-        """Decide what to do with one acked envelope: ignore, drop as duplicate, refuse with a
-        notice (not allowed, rate limited, over budget, busy), or queue for a worker."""
-        if envelope_type == "interactive" and payload.get("type") == "block_actions":
-            self._on_block_actions(payload)
-            return
-        if envelope_type != "events_api":
-            EVENTS.labels(type="other", outcome="ignored").inc()
-            log_event(logging.DEBUG, "envelope_ignored", envelope_type=envelope_type)
-            return
-        raw_event = payload.get("event") or {}
-        event_type = str(raw_event.get("type") or "unknown")
-        metric_type = event_type if event_type in ("app_mention", "message") else "other"
-        event_id = str(payload.get("event_id") or "")
-        try:
-            event = msgspec.convert(raw_event, SlackEvent, strict=False)
-        except msgspec.ValidationError as e:
-            EVENTS.labels(type=metric_type, outcome="rejected").inc()
-            log_event(logging.WARNING, "event_rejected", event_id=event_id, reason="malformed", error=str(e))
-            return
-        verdict = classify_event(event_type, event, event_id, str(payload.get("team_id") or ""), self.me,
-                                 follow_ups=self.config.ledger_bot_follow_ups)
-        if isinstance(verdict, Ignored):
-            EVENTS.labels(type=metric_type, outcome="ignored").inc()
-            log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
-            return
-        # One answer per event id (Slack redelivers) and per message (a mention can also
-        # arrive as a `message` event).
-        if not self.seen.add(f"event:{event_id}", f"msg:{verdict.channel}:{verdict.ts}"):
-            EVENTS.labels(type=metric_type, outcome="duplicate").inc()
-            log_event(logging.INFO, "event_duplicate", event_id=event_id, channel=verdict.channel,
-                      retry_attempt=retry_attempt)
-            return
-        job = Job(verdict, received)
-        refusal = self._refusal(verdict)
-        if refusal is None and not self.pool.submit(job):
-            refusal = ("busy", BUSY_NOTICE)
-        if refusal is not None:
-            outcome, notice = refusal
-            EVENTS.labels(type=metric_type, outcome="rejected").inc()
-            self.answerer.refuse(job, outcome, notice)
-            return
-        EVENTS.labels(type=metric_type, outcome="accepted").inc()
-        log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=event_id, channel=verdict.channel,
-                  user=verdict.user, kind=verdict.kind, retry_attempt=retry_attempt)
-        log_event(logging.DEBUG, "question_text", ref=job.ref, text=verdict.text)
-
-    def _refusal(self, q: Question) -> tuple[str, str | None] | None:
-        """Why this question is not taken (outcome, notice or None to stay silent), or None."""
-        c = self.config
-        channel_ok = not c.ledger_bot_allowed_channels or q.kind == "dm" or q.channel in c.ledger_bot_allowed_channels
-        user_ok = not c.ledger_bot_allowed_users or q.user in c.ledger_bot_allowed_users
-        if not (channel_ok and user_ok):
-            # Say it once a day per channel (or per user in DMs), not on every message.
-            where = q.user if q.kind == "dm" or channel_ok else q.channel
-            return "not_allowed", NOT_ALLOWED_NOTICE if self.told_not_allowed.add(where) else None
-        if q.kind == "followup":
-            return None  # not yet known to be for the bot: the worker checks, then applies the limits
-        return self.limits.admit(q.user)
-
-    def _on_block_actions(self, payload: dict) -> None:
-        """👍/👎 clicks: count, log with the answer's ref, thank the clicker ephemerally."""
-        actions = payload.get("actions") or []
-        action = actions[0] if actions and isinstance(actions[0], dict) else {}
-        value = FEEDBACK_ACTIONS.get(str(action.get("action_id")))
-        if value is None:
-            EVENTS.labels(type="block_actions", outcome="ignored").inc()
-            return
-        EVENTS.labels(type="block_actions", outcome="accepted").inc()
-        FEEDBACK.labels(value=value).inc()
-        user = str((payload.get("user") or {}).get("id") or "")
-        channel = str((payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id") or "")
-        message = payload.get("message") or {}
-        log_event(logging.INFO, "feedback", ref=str(action.get("value") or ""), value=value, channel=channel, user=user)
-        if channel and user:
-            try:
-                self.web.chat_postEphemeral(channel=channel, user=user, thread_ts=message.get("thread_ts") or None,
-                                            text="Thanks for the feedback! It helps the BOR Write team improve my answers.")
-            except SlackClientError as e:
-                log_event(logging.WARNING, "feedback_thanks_failed", error=_slack_error_code(e))
-
-    # -- shutdown -----------------------------------------------------------------------------
-
-    def shutdown(self, grace: float) -> bool:
-        """Stop taking events, finish in-flight answers within ``grace`` s, close the socket.
-
-        Returns True if every accepted question was answered.
-        """
+    def shutdown(self, drain_seconds: float) -> bool:
+        """Stop taking events, finish in-flight answers within ``drain_seconds``, then end what
+        is left with "I'm restarting, please ask again" (outcome ``interrupted``) so no acked
+        question goes unanswered; stop every thread. True if everything was answered."""
         self.health.stopping = True
-        closer = None
-        if self.client is not None:
-            # Close the socket first, so Slack sends new events to other connections. slack_sdk's
-            # close() waits for its reader, which sits in recv() for up to 3 s; shutting the raw
-            # socket down wakes that recv at once. Then close() joins slack_sdk's timer threads
-            # for another 2-3 s: it runs alongside the drain, and those are daemon threads.
-            client = self.client
-            with contextlib.suppress(Exception):
-                client.current_session.sock.shutdown(socket.SHUT_RDWR)
-            closer = threading.Thread(target=client.close, name="socket-close", daemon=True)
-            closer.start()
-        pending = self.pool.pending()
-        log_event(logging.INFO, "draining", in_flight=pending, grace_s=grace)
-        drained = self.pool.drain(grace)
+        self.link.close()
+        log_event(logging.INFO, "draining", in_flight=self.pool.pending(), grace_s=drain_seconds)
+        drained = self.pool.drain(drain_seconds)
         if not drained:
-            log_event(logging.ERROR, "drain_timeout", unfinished=self.pool.pending())
-        if closer is not None:
-            # close() drops the socket within milliseconds, then spends 2-3 s joining slack_sdk's
-            # timer threads; those are daemons, so only the socket itself is waited for.
-            deadline = time.monotonic() + 3.5
-            while self.client.is_connected() and closer.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        self._set_connected(False)
+            queued = self.pool.take_queued()
+            interrupted = self.answerer.interrupt_open()
+            for job in queued:
+                if job.settle():
+                    self.answerer.refuse(job, "interrupted")
+            log_event(logging.ERROR, "drain_timeout", unfinished=interrupted + len(queued))
+        self.pool.close()
+        self.notifier.close(timeout=5)
+        self.answerer.close()
         return drained
 
 
-def _warm_litellm() -> None:
+def _warm_litellm(config: Config) -> None:
+    """litellm-import: import litellm and register the alias, so the first question pays nothing."""
     try:
         t0 = time.monotonic()
-        _litellm()
+        register_alias(config)
+        token_counter(config)("warm-up")
         log_event(logging.DEBUG, "litellm_imported", latency_ms=round((time.monotonic() - t0) * 1000))
     except Exception:  # noqa: BLE001 - the first answer will report it properly
         log.exception("litellm_import_failed")
@@ -1939,23 +3012,24 @@ def run_check(config: Config, out: Any) -> int:
         print(f"{'PASS' if passed else 'FAIL'}  {name}: {redact(detail)}", file=out)
 
     report("config", True, "all variables valid")
-    web = make_web_client(config)
+    metrics = Metrics(prometheus_client.CollectorRegistry(), tuple(OUTCOMES))
+    api = SlackApi(make_web_client(config), RateBudget({}), metrics)
     try:
-        me = fetch_identity(web)
+        me = api.auth_test()
         report("slack auth.test", True, f"bot user {me.user_id} in team {me.team_id}")
-    except SlackApiError as e:
-        report("slack auth.test", False, f"Slack refused the bot token ({e.response.get('error')})")
-    except SlackClientError as e:
-        report("slack auth.test", False, f"could not reach Slack at {config.slack_api_url} ({type(e).__name__})")
-    except OSError as e:
-        report("slack auth.test", False, f"could not reach Slack at {config.slack_api_url} ({type(e).__name__})")
+    except SlackAuthFailed as e:
+        report("slack auth.test", False, f"Slack refused the bot token ({e.code})")
+    except SlackError as e:
+        reason = f"Slack said {e.code}" if not e.code[:1].isupper() else f"could not reach Slack at " \
+                                                                          f"{config.slack_api_url} ({e.code})"
+        report("slack auth.test", False, reason)
     try:
-        usage = Usage()
-        text = "".join(stream_completion(
-            config, [{"role": "user", "content": "Reply with the single word OK."}], usage))
+        text = "".join(stream_completion(config, [{"role": "user", "content": "Reply with the single word OK."}],
+                                         Usage()))
         report("llm gateway", True, f"model {config.ledger_bot_model} answered ({len(text)} chars)")
     except LLMFailure as e:
-        report("llm gateway", False, f"model {config.ledger_bot_model} at {config.litellm_base_url}: {e.kind} ({e.detail})")
+        report("llm gateway", False,
+               f"model {config.ledger_bot_model} at {config.litellm_base_url}: {e.kind} ({e.detail})")
     print("RESULT: " + ("PASS" if ok else "FAIL"), file=out)
     return 0 if ok else 1
 
@@ -1963,20 +3037,42 @@ def run_check(config: Config, out: Any) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ledger_bot.py",
-        description="ledger-bot: the BOR Write team's Slack assistant. Configuration comes from the environment (see README.md).",
+        description="ledger-bot: the BOR Write team's Slack assistant. Configuration comes from the environment "
+                    "(see README.md).",
     )
     parser.add_argument("--check", action="store_true",
-                        help="validate configuration, call Slack auth.test and make one tiny gateway call; exit 0 if all pass, 1 otherwise")
+                        help="validate configuration, call Slack auth.test and make one tiny gateway call; "
+                             "exit 0 if all pass, 1 otherwise")
     parser.add_argument("--version", action="version", version=f"ledger-bot {__version__}")
     return parser.parse_args(argv)
 
 
+class _Fatal:
+    """The first reason the bot must exit 1 (a refused token), set from any thread."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.reason: tuple[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, token: str, code: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = (token, code)
+        hint = ("check the secret and that Socket Mode is enabled" if token == "SLACK_APP_TOKEN"
+                else "check the secret; reinstall the app if the token was revoked")
+        log_event(logging.ERROR, "slack_auth_failed", token=token, error=code, hint=f"{token} was rejected by Slack; "
+                                                                                    f"{hint}")
+        self.stop.set()
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
-         stop: threading.Event | None = None) -> int:
+         stop: threading.Event | None = None, registry: prometheus_client.CollectorRegistry | None = None) -> int:
     """Run the bot until SIGTERM/SIGINT (or ``stop`` is set); returns the process exit code.
 
-    0: clean shutdown (or --check passed); 1: --check failed or Slack rejected a token;
-    2: bad configuration.
+    0: clean shutdown (or --check passed); 1: --check failed, or Slack rejected a token (at
+    start-up or while running); 2: bad configuration.
     """
     args = parse_args(argv)
     environ = os.environ if environ is None else environ
@@ -1998,59 +3094,52 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
-    BUILD_INFO.labels(version=__version__, git_sha=config.ledger_bot_git_sha).set(1)
+    metrics = Metrics(registry or new_registry(), tuple(OUTCOMES))
+    metrics.build_info.labels(version=__version__, git_sha=config.ledger_bot_git_sha).set(1)
     health = Health()
-    server = HealthServer(config.health_port, health).start()
+    server = HealthServer(config.health_port, health, metrics).start()
     log_event(logging.INFO, "starting", version=__version__, git_sha=config.ledger_bot_git_sha,
               health_port=server.server_address[1], model=config.ledger_bot_model)
-    threading.Thread(target=_warm_litellm, name="litellm-import", daemon=True).start()
+    warm = threading.Thread(target=_warm_litellm, args=(config,), name="litellm-import", daemon=True)
+    warm.start()
     try:
-        return _serve(config, health, stop)
+        return _serve(config, health, metrics, stop, warm)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
-def _serve(config: Config, health: Health, stop: threading.Event) -> int:
-    knowledge = KnowledgeBase(load_knowledge(config.knowledge_path))
-    log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path), sections=len(knowledge.sections))
-    web = make_web_client(config)
+def _serve(config: Config, health: Health, metrics: Metrics, stop: threading.Event, warm: threading.Thread) -> int:
+    knowledge = KnowledgeStore(config.knowledge_path)
+    log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path),
+              sections=len(knowledge.current().sections))
+    fatal = _Fatal(stop)
+    api = SlackApi(make_web_client(config), RateBudget(rate_limits(config)), metrics, on_auth_failed=fatal)
     me = None
     delays = backoff_delays()
-    while not stop.is_set():
+    while not stop.is_set() and me is None:
         try:
-            me = fetch_identity(web)
-            break
-        except SlackApiError as e:
-            code = e.response.get("error")
-            if code in FATAL_AUTH_ERRORS:
-                log_event(logging.ERROR, "slack_auth_failed", error=code,
-                          hint="SLACK_BOT_TOKEN was rejected by Slack; check the secret")
-                return 1
+            me = api.auth_test()
+        except SlackAuthFailed:
+            return EXIT_SLACK_AUTH
+        except SlackError as e:
             wait = next(delays)
-            log_event(logging.WARNING, "slack_auth_test_failed", error=code, retry_in_s=round(wait, 1))
-        except (SlackClientError, OSError) as e:
-            wait = next(delays)
-            log_event(logging.WARNING, "slack_unreachable", error=type(e).__name__, retry_in_s=round(wait, 1))
-        stop.wait(wait)
+            log_event(logging.WARNING, "slack_unreachable", error=e.code, retry_in_s=round(wait, 1))
+            stop.wait(wait)
     if me is None:
         log_event(logging.INFO, "stopped", reason="signal before start-up completed")
         return 0
     log_event(logging.INFO, "identity", user=me.user_id, bot_id=me.bot_id, team=me.team_id)
-    bot = Bot(config, web, me, health, knowledge)
-    try:
-        if not bot.connect(stop):
-            bot.shutdown(config.ledger_bot_shutdown_grace_seconds)
-            return 0
-    except SlackApiError as e:
-        log_event(logging.ERROR, "slack_auth_failed", error=e.response.get("error"),
-                  hint="SLACK_APP_TOKEN was rejected by Slack; check the secret and that Socket Mode is enabled")
-        return 1
-    stop.wait()
-    log_event(logging.INFO, "stop_requested")
-    drained = bot.shutdown(config.ledger_bot_shutdown_grace_seconds)
+    bot = Bot(config, api, me, health, knowledge, metrics, fatal)
+    # Slack sends events to any open connection: open one only once answers can start at once.
+    while warm.is_alive() and not stop.is_set():
+        warm.join(0.1)
+    connected = bot.connect(stop)
+    if connected:
+        stop.wait()
+        log_event(logging.INFO, "stop_requested", reason="slack_auth_failed" if fatal.reason else "signal")
+    drained = bot.shutdown(config.drain_seconds if connected else 0)
     log_event(logging.INFO, "stopped", drained=drained)
-    return 0
+    return EXIT_SLACK_AUTH if fatal.reason else 0
 
 
 if __name__ == "__main__":

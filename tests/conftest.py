@@ -57,7 +57,7 @@ def slack(socket_mode):
 @pytest.fixture
 def gateway():
     server = _http_server()
-    fake = FakeGateway(server)
+    fake = FakeGateway(server, keys=frozenset({SECRETS["LITELLM_DEVELOPER_KEY"]}))
     yield fake
     fake.shutdown.set()
     server.clear()

@@ -14,6 +14,7 @@ Nothing here knows about ledger_bot's internals.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import re
 import threading
@@ -47,8 +48,69 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 # ── Socket Mode ──────────────────────────────────────────────────────────────────────────
 
 
+_SHUT_RDWR = 2  # socket.SHUT_RDWR
+
+
+class _Relay:
+    """A TCP relay in front of the WebSocket server, so a test can make the connection go
+    silent without a close frame (an edge restarting, a NAT dropping the flow): ``silence``
+    swallows every byte both ways and keeps both sockets open."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket as _socket
+
+        self.target_port = target_port
+        self.silent = threading.Event()
+        self._listener = _socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._socks: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket as _socket
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.silent.clear()  # a new connection starts healthy
+            upstream = _socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.silent.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not self.silent.is_set():
+                for sock in (src, dst):  # shutdown first: close alone waits for the other recv
+                    try:
+                        sock.shutdown(_SHUT_RDWR)
+                        sock.close()
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for sock in self._socks:
+            try:
+                sock.shutdown(_SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+
 class FakeSocketMode:
-    """A Socket Mode endpoint: sends ``hello`` on connect, pushes envelopes, records acks."""
+    """A Socket Mode endpoint: sends ``hello`` on connect, pushes envelopes, records acks.
+    ``go_silent`` makes the live connection half-open; ``max_frame`` is what a frame may be."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -61,10 +123,16 @@ class FakeSocketMode:
         self.port = self._server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+        self.relay = _Relay(self.port)
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/link/?ticket={APP_TOKEN_TICKET}"
+        return f"ws://127.0.0.1:{self.relay.port}/link/?ticket={APP_TOKEN_TICKET}"
+
+    def go_silent(self) -> None:
+        """The live connection stops carrying anything, in both directions, with no close
+        frame and no TCP reset: pings go unanswered, events never arrive."""
+        self.relay.silent.set()
 
     def _handle(self, ws: ServerConnection) -> None:
         with self._lock:
@@ -127,6 +195,7 @@ class FakeSocketMode:
         self._server.shutdown()
         for ws in self.live():
             ws.close()
+        self.relay.close()
 
 
 # ── Slack Web API ────────────────────────────────────────────────────────────────────────
@@ -139,11 +208,27 @@ class Call:
     token: str
 
 
+# Slack's per-workspace rate tiers, calls per minute (method reference), enforced by FakeSlack
+# like Slack does: a call over the tier answers HTTP 429 with Retry-After.
+SLACK_TIERS = {
+    "chat.startStream": 20, "chat.stopStream": 20, "chat.appendStream": 100, "chat.update": 50,
+    "conversations.replies": 50, "chat.postEphemeral": 100, "assistant.threads.setStatus": 50,
+}
+REVOKED_ERRORS = {"apps.connections.open": "invalid_auth"}
+
+
 class FakeSlack:
     """The Slack Web API with just enough state: channels hold messages, threads are real.
 
+    As strict as Slack where the bot could get it wrong: per-method rate tiers (429 with
+    Retry-After; ``chat.postMessage`` about one per second per channel), ``chat.update`` on a
+    message still streaming (``streaming_state_conflict``), the Stop button (``press_stop``:
+    ``stopped_by_user`` from then on), block_ids unique per message and per update
+    (``invalid_blocks``), a token revoked mid-run (``revoke``).
+
     ``fail(method, error=..., status=..., times=n)`` scripts failures; ``calls`` records every
-    request. ``thread(channel, ts)`` shows the thread the way Slack would render it.
+    request; ``rate_limited`` every call answered 429. ``thread(channel, ts)`` shows the thread
+    the way Slack would render it.
     """
 
     def __init__(self, server: HTTPServer, socket: FakeSocketMode) -> None:
@@ -156,6 +241,10 @@ class FakeSlack:
         self._failures: dict[str, list[tuple[str | None, int, dict]]] = {}
         self._clock = itertools.count(1)
         self.status_supported = True
+        self.tiers = dict(SLACK_TIERS)
+        self.rate_limited: list[str] = []
+        self.revoked = False
+        self._window: dict[str, list[float]] = {}
         server.expect_request(re.compile(r"^/api/[\w.]+$")).respond_with_handler(self._dispatch)
 
     @property
@@ -168,6 +257,34 @@ class FakeSlack:
              headers: dict | None = None) -> None:
         with self._lock:
             self._failures.setdefault(method, []).extend([(error, status, headers or {})] * times)
+
+    def press_stop(self, ts: str) -> None:
+        """A person presses Stop on the streaming message ``ts``."""
+        with self._lock:
+            self.streams[ts]["state"] = "stopped_by_user"
+            msg = next(m for ms in self.messages.values() for m in ms if m["ts"] == ts)
+            msg["streaming"] = False
+
+    def revoke(self) -> None:
+        """Both tokens are revoked, as when the app is uninstalled: every call fails."""
+        self.revoked = True
+
+    def _over_tier(self, method: str, channel: str) -> float | None:
+        """Seconds until ``method`` may be called again, if this call is over its limit."""
+        if method == "chat.postMessage":
+            key, limit, window = f"{method}:{channel}", 1, 1.0
+        elif method in self.tiers:
+            key, limit, window = method, self.tiers[method], 60.0
+        else:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            calls = [t for t in self._window.get(key, []) if t > now - window]
+            if len(calls) >= limit:
+                self._window[key] = calls
+                return calls[0] + window - now
+            self._window[key] = calls + [now]
+        return None
 
     def new_ts(self) -> str:
         return f"{1_700_000_000 + next(self._clock)}.{next(self._clock):06d}"
@@ -225,6 +342,14 @@ class FakeSlack:
             self.calls.append(Call(method, params, token))
             scripted = self._failures.get(method)
             failure = scripted.pop(0) if scripted else None
+        if self.revoked:
+            return self._json({"ok": False, "error": REVOKED_ERRORS.get(method, "token_revoked")})
+        wait = None if failure else self._over_tier(method, str(params.get("channel") or ""))
+        if wait is not None:
+            with self._lock:
+                self.rate_limited.append(method)
+            return Response(json.dumps({"ok": False, "error": "ratelimited"}), status=429,
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))}, mimetype="application/json")
         if failure:
             error, status, headers = failure
             if status != 200:
@@ -262,6 +387,13 @@ class FakeSlack:
         return {"ok": True, "messages": out, "has_more": more,
                 "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
 
+    @staticmethod
+    def _blocks_ok(blocks: list | None, previous: list | None = None) -> bool:
+        """Block ids unique within the message, and new on every update of it."""
+        ids = [b.get("block_id") for b in blocks or [] if b.get("block_id")]
+        old = {b.get("block_id") for b in previous or [] if b.get("block_id")}
+        return len(ids) == len(set(ids)) and not (set(ids) & old)
+
     def _bot_message(self, channel: str, thread_ts: str | None, **fields: Any) -> dict:
         msg = {"type": "message", "user": BOT_USER, "bot_id": BOT_ID, "ts": self.new_ts(),
                **{k: v for k, v in fields.items() if v is not None}}
@@ -276,6 +408,8 @@ class FakeSlack:
             return next((m for m in self.messages.get(channel, []) if m["ts"] == ts), None)
 
     def _m_chat_postMessage(self, p: dict) -> dict:
+        if not self._blocks_ok(p.get("blocks")):
+            return {"ok": False, "error": "invalid_blocks"}
         msg = self._bot_message(p["channel"], p.get("thread_ts"), text=p.get("text"), blocks=p.get("blocks"),
                                 markdown_text=p.get("markdown_text"), metadata=p.get("metadata"))
         return {"ok": True, "channel": p["channel"], "ts": msg["ts"], "message": msg}
@@ -284,6 +418,10 @@ class FakeSlack:
         msg = self._find(p["channel"], p["ts"])
         if msg is None:
             return {"ok": False, "error": "message_not_found"}
+        if msg.get("streaming"):
+            return {"ok": False, "error": "streaming_state_conflict"}
+        if not self._blocks_ok(p.get("blocks"), msg.get("blocks")):
+            return {"ok": False, "error": "invalid_blocks"}
         with self._lock:
             for key in ("text", "blocks", "markdown_text", "metadata"):
                 if key in p:
@@ -328,6 +466,8 @@ class FakeSlack:
         return msg
 
     def _m_chat_appendStream(self, p: dict) -> dict:
+        if self.streams.get(p["ts"], {}).get("state") == "stopped_by_user":
+            return {"ok": False, "error": "stopped_by_user"}
         msg = self._stream_msg(p)
         if msg is None:
             return {"ok": False, "error": "message_not_in_streaming_state"}
@@ -339,6 +479,8 @@ class FakeSlack:
         msg = self._stream_msg(p)
         if msg is None:
             return {"ok": False, "error": "message_not_in_streaming_state"}
+        if not self._blocks_ok(p.get("blocks")):
+            return {"ok": False, "error": "invalid_blocks"}
         with self._lock:
             msg["markdown_text"] += self._stream_text(p)
             msg["streaming"] = False
@@ -350,10 +492,13 @@ class FakeSlack:
         return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
 
     def expire_streams(self) -> None:
-        """Make every open stream die, as Slack does after ~5 minutes."""
+        """Make every open stream die, as Slack does after ~5 minutes (chat.update then works)."""
         with self._lock:
-            for stream in self.streams.values():
-                stream["state"] = "expired"
+            for ts, stream in self.streams.items():
+                if stream["state"] == "streaming":
+                    stream["state"] = "expired"
+                    msg = next(m for m in self.messages.get(stream["channel"], []) if m["ts"] == ts)
+                    msg["streaming"] = False
 
 
 # ── LiteLLM gateway ──────────────────────────────────────────────────────────────────────
@@ -376,6 +521,9 @@ class Script:
     prompt_tokens: int = 100
     completion_tokens: int = 20
     release: threading.Event | None = None  # wait for this before the first token
+    retry_after: str = "0"  # the retry-after header of an error response
+    error_after_chunks: int | None = None  # send an SSE error event after this many chunks ...
+    error_event: dict | None = None  # ... with this "error" object (the proxy's mid-stream failure)
 
 
 @dataclass
@@ -385,11 +533,28 @@ class GatewayRequest:
     at: float = field(default_factory=time.monotonic)
 
 
-class FakeGateway:
-    """OpenAI-compatible ``/api/v2/chat/completions`` streaming SSE like the LiteLLM proxy."""
+GATEWAY_ALIASES = frozenset({"bedrock-claude-4.5-sonnet"})
 
-    def __init__(self, server: HTTPServer) -> None:
+
+def gateway_error(message: str, type_: str, code: int) -> dict:
+    """An error body the way the LiteLLM proxy writes it."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": str(code)}}
+
+
+BUDGET_EXCEEDED = gateway_error("Budget has been exceeded! Current cost: 10.2, Max budget: 10.0",
+                                "budget_exceeded", 400)
+
+
+class FakeGateway:
+    """OpenAI-compatible ``/api/v2/chat/completions`` streaming SSE like the LiteLLM proxy.
+
+    As strict as the proxy: a key other than ``keys`` answers 401, a model alias it does not
+    serve answers 400; scripts add upstream errors, budgets, slow tokens and mid-stream error
+    events (``Script.error_after_chunks``)."""
+
+    def __init__(self, server: HTTPServer, keys: frozenset[str] | None = None) -> None:
         self.server = server
+        self.keys = keys
         self._lock = threading.Lock()
         self.requests: list[GatewayRequest] = []
         self.scripts: list[Script] = []
@@ -412,13 +577,22 @@ class FakeGateway:
     def _handle(self, request: Request) -> Response:
         body = request.get_json()
         with self._lock:
-            self.requests.append(GatewayRequest(body, dict(request.headers)))
+            self.requests.append(GatewayRequest(body, {**request.headers,
+                                                       "X-Client-Port": str(request.environ.get("REMOTE_PORT"))}))
+        key = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if self.keys is not None and key not in self.keys:
+            return Response(json.dumps(gateway_error("Authentication Error, Invalid proxy server token passed.",
+                                                     "auth_error", 401)), status=401, mimetype="application/json")
+        if body.get("model") not in GATEWAY_ALIASES:
+            return Response(json.dumps(gateway_error(f"Invalid model name passed in model={body.get('model')}.",
+                                                     "invalid_request_error", 400)),
+                            status=400, mimetype="application/json")
         s = self._next(body)
         if s.hang:
             self.shutdown.wait(s.hang)
         if s.status != 200:
             return Response(json.dumps(s.error_body or {"error": {"message": "scripted failure", "code": s.status}}),
-                            status=s.status, mimetype="application/json", headers={"retry-after": "0"})
+                            status=s.status, mimetype="application/json", headers={"retry-after": s.retry_after})
         if not body.get("stream"):
             return Response(json.dumps(_completion(body, s)), mimetype="application/json")
         return Response(self._sse(body, s), mimetype="text/event-stream")
@@ -432,6 +606,9 @@ class FakeGateway:
         for n, piece in enumerate(pieces):
             if s.cut_after_chunks is not None and n >= s.cut_after_chunks:
                 raise ConnectionAbortedError("scripted cut")  # werkzeug drops the connection
+            if s.error_after_chunks is not None and n >= s.error_after_chunks:
+                yield _sse_line({"error": s.error_event or gateway_error("upstream failed", "api_error", 500)["error"]})
+                return
             if n and s.chunk_delay:
                 self.shutdown.wait(s.chunk_delay)
             if s.pause_after_chunks is not None and n == s.pause_after_chunks:

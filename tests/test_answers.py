@@ -39,7 +39,8 @@ def test_streamed_answer_arrives_whole_and_in_order_with_time_based_flushes(star
     assert len(start) == 1 and len(appends) >= 3
     assert start[0].params["recipient_user_id"] == "U1" and start[0].params["recipient_team_id"] == TEAM
     stop = slack.calls_to("chat.stopStream")[0].params
-    assert stop["blocks"][0]["elements"][0]["action_id"] == "feedback_up"
+    assert stop["blocks"][0]["type"] == "context_actions"
+    assert stop["blocks"][0]["elements"][0]["type"] == "feedback_buttons"
     assert stop["metadata"]["event_type"] == "ledger_bot_answer"
 
 
@@ -100,7 +101,7 @@ def test_stream_refused_from_the_start_falls_back_to_posting(start_bot, slack, s
     posted = slack.bot_replies("C100", msg["ts"])[0]
     assert posted["blocks"][0] == {"type": "markdown", "text": "Posted instead of streamed."}
     assert posted["text"] == "Posted instead of streamed."
-    assert posted["blocks"][1]["type"] == "actions"
+    assert posted["blocks"][1]["type"] == "context_actions"
 
 
 def test_long_streamed_answer_with_code_rolls_over_within_limits(start_bot, slack, socket_mode, gateway):
@@ -207,19 +208,32 @@ def test_feedback_click_is_logged_with_ref_and_thanked_ephemerally(start_bot, sl
     before = metrics(bot).get(("ledger_bot_feedback_total", (("value", "down"),)), 0.0)
     msg, _ = mention(slack, socket_mode)
     replies(slack, "C100", msg["ts"])
-    buttons = slack.calls_to("chat.stopStream")[0].params["blocks"][0]["elements"]
-    ref = buttons[1]["value"]
-    eid = socket_mode.send_block_action({
-        "type": "block_actions", "user": {"id": "U1"}, "channel": {"id": "C100"},
-        "message": {"ts": "1.0", "thread_ts": msg["ts"]},
-        "actions": [{"action_id": "feedback_down", "value": ref, "type": "button"}]})
+    buttons = slack.calls_to("chat.stopStream")[0].params["blocks"][0]["elements"][0]
+    down = buttons["negative_button"]["value"]
+    vote, _, ref = down.partition(":")
+
+    def click(value):
+        return socket_mode.send_block_action({
+            "type": "block_actions", "user": {"id": "U1"}, "channel": {"id": "C100"},
+            "message": {"ts": "1.0", "thread_ts": msg["ts"]},
+            "actions": [{"action_id": "feedback", "value": value, "type": "feedback_buttons"}]})
+
+    eid = click(down)
     socket_mode.wait_ack(eid)
     wait_for(lambda: slack.calls_to("chat.postEphemeral"), 5, "ephemeral thanks")
     thanks = slack.calls_to("chat.postEphemeral")[0].params
     assert thanks["user"] == "U1" and "Thanks" in thanks["text"]
     feedback = [line for line in log_lines(capsys.readouterr().out) if line["event"] == "feedback"]
-    assert feedback == [{**feedback[0], "ref": ref, "value": "down", "user": "U1"}]
+    assert vote == "down" and feedback == [{**feedback[0], "ref": ref, "value": "down", "user": "U1"}]
     assert metrics(bot)[("ledger_bot_feedback_total", (("value", "down"),))] == before + 1
+    # One vote per person per answer: the same click again counts nothing, a change is logged.
+    socket_mode.wait_ack(click(down))
+    socket_mode.wait_ack(click(buttons["positive_button"]["value"]))
+    changed = wait_for(lambda: [line for line in log_lines(capsys.readouterr().out) if line["event"] == "feedback"],
+                       5, "the changed vote logged")
+    assert [(line["value"], line["changed_from"]) for line in changed] == [("up", "down")]
+    assert metrics(bot)[("ledger_bot_feedback_total", (("value", "down"),))] == before + 1
+    assert len(slack.calls_to("chat.postEphemeral")) == 1
 
 
 # ── limits and metrics ───────────────────────────────────────────────────────────────────

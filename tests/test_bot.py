@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from conftest import SECRETS
@@ -223,12 +224,17 @@ def test_gateway_failure_becomes_friendly_reply_and_next_question_works(
     assert replies(slack, "C100", follow["ts"]) == ["The answer is 42."]
 
 
-def test_gateway_errors_are_retried_per_configuration(start_bot, slack, socket_mode, gateway):
+def test_upstream_errors_are_left_to_the_gateway_but_a_short_retry_after_is_honoured(
+        start_bot, slack, socket_mode, gateway):
     start_bot(LEDGER_BOT_LLM_MAX_RETRIES="1")
-    gateway.script(Script(status=503))
-    msg, _ = mention(slack, socket_mode)
-    assert replies(slack, "C100", msg["ts"]) == ["The answer is 42."]
-    assert len(gateway.requests) == 2
+    gateway.script(Script(status=503))  # the gateway has retried upstream already: no stacking
+    first, _ = mention(slack, socket_mode, "one")
+    assert "gateway is down" in replies(slack, "C100", first["ts"])[0]
+    assert len(gateway.requests) == 1
+    gateway.script(Script(status=429, retry_after="1"))  # short: worth one more try
+    second, _ = mention(slack, socket_mode, "two")
+    assert replies(slack, "C100", second["ts"]) == ["The answer is 42."]
+    assert len(gateway.requests) == 3
 
 
 def test_full_queue_answers_busy_instead_of_dropping(start_bot, slack, socket_mode, gateway):
@@ -254,12 +260,15 @@ def test_full_queue_answers_busy_instead_of_dropping(start_bot, slack, socket_mo
     assert slack.reply_texts("C100", turned_away[0]["ts"]) == [busy]
 
 
-def test_slack_rate_limit_is_retried_after_retry_after(start_bot, slack, socket_mode, gateway):
-    start_bot()
-    slack.fail("chat.startStream", error="ratelimited", status=429, headers={"Retry-After": "1"})
+def test_slack_429_on_stream_start_degrades_to_posting_without_sleeping(start_bot, slack, socket_mode, gateway):
+    bot = start_bot()
+    slack.fail("chat.startStream", error="ratelimited", status=429, headers={"Retry-After": "30"})
     msg, _ = mention(slack, socket_mode)
+    started = time.monotonic()
     assert replies(slack, "C100", msg["ts"]) == ["The answer is 42."]
-    assert len(slack.calls_to("chat.startStream")) == 2
+    assert time.monotonic() - started < 10  # nobody slept on the 30 s Retry-After
+    assert len(slack.calls_to("chat.startStream")) == 1
+    assert "ledger_bot_slack_rate_limited_total{method=\"chat.startStream\"} 1.0" in bot.get("/metrics")[1]
 
 
 def test_acks_stay_under_a_second_while_20_slow_answers_are_in_flight(start_bot, slack, socket_mode, gateway):
@@ -324,3 +333,76 @@ def test_stop_closes_the_socket_at_once_so_new_events_go_elsewhere(start_bot, sl
     release.set()
     assert bot.stop() == 0
     assert slack.reply_texts("C100", msg["ts"]) == ["Finished after the socket closed."]
+
+
+# ── the gateway as it really answers (issue 11) ──────────────────────────────────────────
+
+
+def answer_lines(out: str) -> list[dict]:
+    return [line for line in log_lines(out) if line["event"] == "answer"]
+
+
+@pytest.mark.parametrize(("script", "overrides", "outcome", "notice"), [
+    (Script(status=429, retry_after="60"), {}, "rate_limited", "rate limiting me"),
+    (Script(status=400, error_body=None), {"LITELLM_DEVELOPER_KEY": "sk-litellm-WRONGKEY1"}, "gateway_auth_error",
+     "misconfigured"),
+    (Script(), {"LEDGER_BOT_MODEL": "no-such-alias"}, "gateway_config_error", "misconfigured"),
+    (Script(status=400, error_body=__import__("fakes").BUDGET_EXCEEDED), {}, "gateway_budget_exhausted",
+     "budget is spent"),
+    (Script(status=400, error_body={"error": {"message": "prompt is too long: 210000 tokens > 200000 maximum",
+                                              "type": "invalid_request_error", "code": "400"}}),
+     {}, "context_too_long", "too long"),
+    (Script(status=400, error_body={"error": {"message": "Output blocked by content filtering policy",
+                                              "type": "content_filter", "code": "400"}}),
+     {}, "content_policy", "declined"),
+])
+def test_gateway_failures_each_get_their_own_outcome_and_notice(start_bot, slack, socket_mode, gateway, capsys,
+                                                               script, overrides, outcome, notice):
+    start_bot(**overrides)
+    gateway.script(script)
+    msg, _ = mention(slack, socket_mode)
+    started = time.monotonic()
+    shown = replies(slack, "C100", msg["ts"])[-1]
+    assert notice in shown and "(ref `lb-" in shown
+    assert time.monotonic() - started < 5  # no Retry-After sleep, no stacked retries
+    assert len(gateway.requests) == 1
+    line = wait_for(lambda: answer_lines(capsys.readouterr().out), 5, "the answer line")[0]
+    assert line["outcome"] == outcome
+    assert line["level"] == ("error" if outcome in ("gateway_auth_error", "gateway_config_error",
+                                                    "gateway_budget_exhausted") else line["level"])
+
+
+def test_slow_first_token_times_out_within_the_setting_and_is_not_retried(start_bot, slack, socket_mode, gateway):
+    start_bot(LEDGER_BOT_LLM_TIMEOUT_SECONDS="2", LEDGER_BOT_LLM_MAX_RETRIES="3")
+    gateway.script(Script(first_token_delay=20))
+    msg, _ = mention(slack, socket_mode)
+    started = time.monotonic()
+    assert "took too long" in replies(slack, "C100", msg["ts"], timeout=20)[0]
+    assert time.monotonic() - started <= 2 + 5
+    assert len(gateway.requests) == 1  # a read timeout is never retried: the model may be generating
+
+
+def test_mid_stream_error_event_keeps_its_type_and_counts_the_partial_answer(start_bot, slack, socket_mode, gateway,
+                                                                             capsys):
+    start_bot()
+    gateway.script(Script(text="Partial answer that goes on " * 5, chunk_size=20, error_after_chunks=3,
+                          error_event={"message": "Rate limit reached", "type": "rate_limit_error", "code": "429"}))
+    msg, _ = mention(slack, socket_mode)
+    shown = wait_for(lambda: (r := replies(slack, "C100", msg["ts"])) and "rate limiting" in r[-1] and r, 15,
+                     "the rate-limit notice after the partial text")
+    assert shown[-1].startswith("Partial answer that goes on")
+    line = wait_for(lambda: answer_lines(capsys.readouterr().out), 5, "the answer line")[0]
+    assert line["outcome"] == "rate_limited"
+    assert line["tokens"]["estimated"] is True and line["tokens"]["completion"] > 0 and line["cost_usd"] > 0
+
+
+def test_gateway_is_told_who_asked_without_slack_ids_and_tagged(start_bot, slack, socket_mode, gateway):
+    start_bot()
+    for _ in range(2):
+        msg, _ = mention(slack, socket_mode, user="U42")
+        replies(slack, "C100", msg["ts"])
+    first, second = (r.body for r in gateway.requests)
+    assert first["user"] == second["user"] and first["user"].startswith("lb-")
+    assert "U42" not in first["user"] and TEAM not in first["user"]
+    assert first["metadata"]["tags"] == ["ledger-bot", "env:local"]
+

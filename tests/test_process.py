@@ -77,7 +77,7 @@ def test_health_answers_before_slack_is_reachable_and_ready_says_why(spawn_bot):
     bot = spawn_bot(SLACK_API_URL="http://127.0.0.1:9/api/")  # nothing listens on port 9
     wait_for(lambda: bot.get("/health")[0] == 200, 10, "/health 200")
     status, body = bot.get("/ready")
-    assert status == 503 and json.loads(body)["reason"] == "not connected to Slack Socket Mode"
+    assert status == 503 and json.loads(body)["reason"] == "no live Slack Socket Mode connection"
     code, out, _ = bot.terminate()
     assert code == 0
     assert '"event": "slack_unreachable"' in out

@@ -24,7 +24,10 @@ VALID = {**SECRETS, "LITELLM_BASE_URL": "https://llm.example.com/api/v2"}
 def test_valid_config_uses_documented_defaults():
     config = lb.load_config(VALID)
     assert config.ledger_bot_model == "bedrock-claude-4.5-sonnet"
-    assert config.health_port == 8080 and config.ledger_bot_shutdown_grace_seconds == 20
+    assert config.health_port == 8080 and config.ledger_bot_shutdown_grace_seconds is None
+    # The drain waits as long as an answer may take, plus Slack time.
+    assert config.drain_seconds == config.ledger_bot_answer_max_seconds + 10 == 250
+    assert lb.load_config({**VALID, "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS": "30"}).drain_seconds == 30
     assert config.knowledge_path == lb.DEFAULT_KNOWLEDGE
 
 
@@ -177,9 +180,10 @@ def test_relevant_sections_are_chosen_when_the_whole_base_does_not_fit():
                 lb.Section("b.md", "FX revaluation", "revaluation uses the month end rate " * 5),
                 lb.Section("c.md", "Period close", "close the period after all journal batches post " * 5)]
     tokens = [len(s.render()) for s in sections]
-    whole = lb.choose_knowledge(sections, tokens, "why did the journal import fail", sum(tokens))
+    index = lb.BM25(sections)
+    whole = lb.choose_knowledge(index, tokens, "why did the journal import fail", sum(tokens))
     assert whole.whole and len(whole.labels) == 3
-    some = lb.choose_knowledge(sections, tokens, "why did the journal import fail", tokens[0] + 10)
+    some = lb.choose_knowledge(index, tokens, "why did the journal import fail", tokens[0] + 10)
     assert not some.whole and some.labels == ("a.md § Journal import",)
 
 
@@ -189,33 +193,49 @@ def test_relevant_sections_are_chosen_when_the_whole_base_does_not_fit():
 def test_rate_limit_says_when_to_try_again_and_recovers_after_the_window():
     now = [1_000_000.0]
     limits = lb.Limits(lb.load_config({**VALID, "LEDGER_BOT_USER_RATE_LIMIT": "2"}), clock=lambda: now[0])
-    assert limits.admit("U1") is None and limits.admit("U1") is None
-    outcome, notice = limits.admit("U1")
-    assert outcome == "user_rate_limited" and "try again in 60 seconds" in notice
-    assert limits.admit("U2") is None
+    assert isinstance(limits.admit("U1"), lb.Reservation) and isinstance(limits.admit("U1"), lb.Reservation)
+    refusal = limits.admit("U1")
+    assert refusal.outcome == "user_rate_limited" and "try again in 60 seconds" in refusal.notice
+    assert isinstance(limits.admit("U2"), lb.Reservation)
     now[0] += 61
-    assert limits.admit("U1") is None
+    assert isinstance(limits.admit("U1"), lb.Reservation)
 
 
 def test_daily_budgets_per_user_and_in_total_reset_at_utc_midnight():
     day = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     now = [day + 3600]
-    config = lb.load_config({**VALID, "LEDGER_BOT_USER_DAILY_BUDGET_USD": "1", "LEDGER_BOT_DAILY_BUDGET_USD": "3"})
+    config = lb.load_config({**VALID, "LEDGER_BOT_USER_DAILY_BUDGET_USD": "1", "LEDGER_BOT_DAILY_BUDGET_USD": "3",
+                             "LEDGER_BOT_USER_RATE_LIMIT": "0"})
     limits = lb.Limits(config, clock=lambda: now[0])
-    limits.spend("U1", 1.0)
-    assert limits.admit("U1")[0] == "budget_exhausted" and limits.admit("U2") is None
-    limits.spend("U2", 2.5)
-    outcome, notice = limits.admit("U3")
-    assert outcome == "budget_exhausted" and "today's LLM budget" in notice
+    limits.settle(limits.admit("U1"), 1.0)
+    assert limits.admit("U1").outcome == "user_budget_exhausted"
+    limits.settle(limits.admit("U2"), 2.5)
+    assert limits.admit("U3").outcome == "fleet_budget_exhausted"
+    assert "today's LLM budget" in lb.OUTCOMES["fleet_budget_exhausted"].notice
     now[0] = day + 86_400 + 1
-    assert limits.admit("U1") is None
+    assert isinstance(limits.admit("U1"), lb.Reservation)
 
 
-def test_cost_uses_configured_prices_and_discounts_cached_tokens():
+def test_questions_arriving_together_reserve_budget_so_they_cannot_overspend():
+    config = lb.load_config({**VALID, "LEDGER_BOT_DAILY_BUDGET_USD": "1", "LEDGER_BOT_USER_DAILY_BUDGET_USD": "0",
+                             "LEDGER_BOT_USER_RATE_LIMIT": "0"})
+    limits = lb.Limits(config)
+    admitted = [r for r in (limits.admit(f"U{i}", reserve_usd=0.3) for i in range(30))
+                if isinstance(r, lb.Reservation)]
+    assert len(admitted) == 3  # 3 x 0.30 fits in 1.00; the 4th would not
+    for r in admitted:
+        limits.settle(r, 0.01)  # the real cost replaces the reservation
+    assert isinstance(limits.admit("U99", reserve_usd=0.3), lb.Reservation)
+
+
+def test_cost_comes_from_the_registered_prices_with_anthropic_cache_rates():
     config = lb.load_config(VALID)
-    assert lb.Usage(prompt_tokens=1_000_000, completion_tokens=0).cost_usd(config) == pytest.approx(3.0)
-    assert lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000).cost_usd(config) == pytest.approx(0.3)
-    assert lb.Usage(completion_tokens=1_000_000).cost_usd(config) == pytest.approx(15.0)
+    assert lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000)) == pytest.approx(3.0)
+    assert lb.cost_usd(config, lb.Usage(completion_tokens=1_000_000)) == pytest.approx(15.0)
+    # Cache reads at 0.1x and cache writes at 1.25x of the input price.
+    read = lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000))
+    written = lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000, cache_creation_tokens=1_000_000))
+    assert read == pytest.approx(0.3) and written == pytest.approx(3.75)
 
 
 # ── health ───────────────────────────────────────────────────────────────────────────────
@@ -223,7 +243,8 @@ def test_cost_uses_configured_prices_and_discounts_cached_tokens():
 
 def test_health_turns_503_when_a_worker_is_stuck_and_recovers_when_it_finishes():
     release = threading.Event()
-    pool = lb.WorkerPool(lambda job: release.wait(10), workers=1, queue_size=1)
+    metrics = lb.Metrics(lb.new_registry(), tuple(lb.OUTCOMES))
+    pool = lb.WorkerPool(lambda job: release.wait(10), workers=1, queue_size=1, metrics=metrics)
     health = lb.Health()
     health.liveness_checks.append(lambda: pool.problem(stuck_after=0.05))
     assert health.live()[0] is True
@@ -232,11 +253,13 @@ def test_health_turns_503_when_a_worker_is_stuck_and_recovers_when_it_finishes()
     assert body["status"] == "unhealthy" and "stuck" in body["problems"][0]
     release.set()
     wait_for(lambda: health.live()[0], 5, "healthy again")
+    pool.close()
+    assert not any(t.is_alive() for t in pool.threads)
 
 
 def test_ready_only_while_connected_and_never_after_stop_begins():
     health = lb.Health()
-    assert health.ready() == (False, {"status": "not_ready", "reason": "not connected to Slack Socket Mode"})
+    assert health.ready() == (False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"})
     health.connected = True
     assert health.ready()[0] is True
     health.stopping = True
