@@ -521,7 +521,7 @@ class Script:
     prompt_tokens: int = 100
     completion_tokens: int = 20
     release: threading.Event | None = None  # wait for this before the first token
-    retry_after: str = "0"  # the retry-after header of an error response
+    retry_after: str | None = None  # a retry-after header on an error (the proxy itself never sends one)
     error_after_chunks: int | None = None  # send an SSE error event after this many chunks ...
     error_event: dict | None = None  # ... with this "error" object (the proxy's mid-stream failure)
 
@@ -541,8 +541,9 @@ def gateway_error(message: str, type_: str, code: int) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": str(code)}}
 
 
+# As LiteLLM 1.110.2 answers (see /api/v2 wire notes in tests/proxy/): 422 for a spent key budget.
 BUDGET_EXCEEDED = gateway_error("Budget has been exceeded! Current cost: 10.2, Max budget: 10.0",
-                                "budget_exceeded", 400)
+                                "budget_exceeded", 422)
 
 
 class FakeGateway:
@@ -581,8 +582,9 @@ class FakeGateway:
                                                        "X-Client-Port": str(request.environ.get("REMOTE_PORT"))}))
         key = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if self.keys is not None and key not in self.keys:
-            return Response(json.dumps(gateway_error("Authentication Error, Invalid proxy server token passed.",
-                                                     "auth_error", 401)), status=401, mimetype="application/json")
+            return Response(json.dumps(gateway_error("Authentication Error, Invalid API key provided.",
+                                                     "token_not_found_in_db", 401)), status=401,
+                            mimetype="application/json")
         if body.get("model") not in GATEWAY_ALIASES:
             return Response(json.dumps(gateway_error(f"Invalid model name passed in model={body.get('model')}.",
                                                      "invalid_request_error", 400)),
@@ -592,7 +594,8 @@ class FakeGateway:
             self.shutdown.wait(s.hang)
         if s.status != 200:
             return Response(json.dumps(s.error_body or {"error": {"message": "scripted failure", "code": s.status}}),
-                            status=s.status, mimetype="application/json", headers={"retry-after": s.retry_after})
+                            status=s.status, mimetype="application/json",
+                            headers={"retry-after": s.retry_after} if s.retry_after else {})
         if not body.get("stream"):
             return Response(json.dumps(_completion(body, s)), mimetype="application/json")
         return Response(self._sse(body, s), mimetype="text/event-stream")
@@ -607,7 +610,8 @@ class FakeGateway:
             if s.cut_after_chunks is not None and n >= s.cut_after_chunks:
                 raise ConnectionAbortedError("scripted cut")  # werkzeug drops the connection
             if s.error_after_chunks is not None and n >= s.error_after_chunks:
-                yield _sse_line({"error": s.error_event or gateway_error("upstream failed", "api_error", 500)["error"]})
+                yield _sse_line({"error": s.error_event or gateway_error("upstream failed", "internal_server_error", 500)["error"]})
+                yield "data: [DONE]\n\n"
                 return
             if n and s.chunk_delay:
                 self.shutdown.wait(s.chunk_delay)

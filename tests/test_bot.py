@@ -347,7 +347,7 @@ def answer_lines(out: str) -> list[dict]:
     (Script(status=400, error_body=None), {"LITELLM_DEVELOPER_KEY": "sk-litellm-WRONGKEY1"}, "gateway_auth_error",
      "misconfigured"),
     (Script(), {"LEDGER_BOT_MODEL": "no-such-alias"}, "gateway_config_error", "misconfigured"),
-    (Script(status=400, error_body=__import__("fakes").BUDGET_EXCEEDED), {}, "gateway_budget_exhausted",
+    (Script(status=422, error_body=__import__("fakes").BUDGET_EXCEEDED), {}, "gateway_budget_exhausted",
      "budget is spent"),
     (Script(status=400, error_body={"error": {"message": "prompt is too long: 210000 tokens > 200000 maximum",
                                               "type": "invalid_request_error", "code": "400"}}),
