@@ -161,6 +161,10 @@ class FakeSocketMode:
     def wait_connected(self, total: int = 1, timeout: float = 10) -> None:
         wait_for(lambda: self.total_connections >= total and self.live(), timeout, f"{total} socket connections")
 
+    def send_raw(self, frame: str) -> None:
+        """Send a frame exactly as given (malformed or odd envelopes)."""
+        wait_for(lambda: self.live(), 10, "a live socket connection")[-1].send(frame)
+
     def send(self, envelope: dict) -> str:
         """Send one envelope on the newest live connection; returns its envelope_id."""
         conn = wait_for(lambda: self.live(), 10, "a live socket connection")[-1]
@@ -245,6 +249,7 @@ class FakeSlack:
         self.rate_limited: list[str] = []
         self.revoked = False
         self._window: dict[str, list[float]] = {}
+        self._delays: dict[str, float] = {}
         server.expect_request(re.compile(r"^/api/[\w.]+$")).respond_with_handler(self._dispatch)
 
     @property
@@ -257,6 +262,10 @@ class FakeSlack:
              headers: dict | None = None) -> None:
         with self._lock:
             self._failures.setdefault(method, []).extend([(error, status, headers or {})] * times)
+
+    def delay(self, method: str, seconds: float) -> None:
+        """Make every call of ``method`` take ``seconds`` (a slow Slack)."""
+        self._delays[method] = seconds
 
     def press_stop(self, ts: str) -> None:
         """A person presses Stop on the streaming message ``ts``."""
@@ -342,6 +351,8 @@ class FakeSlack:
             self.calls.append(Call(method, params, token))
             scripted = self._failures.get(method)
             failure = scripted.pop(0) if scripted else None
+        if self._delays.get(method):
+            time.sleep(self._delays[method])  # the fake's own latency, not test synchronisation
         if self.revoked:
             return self._json({"ok": False, "error": REVOKED_ERRORS.get(method, "token_revoked")})
         wait = None if failure else self._over_tier(method, str(params.get("channel") or ""))
