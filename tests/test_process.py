@@ -81,3 +81,26 @@ def test_health_answers_before_slack_is_reachable_and_ready_says_why(spawn_bot):
     code, out, _ = bot.terminate()
     assert code == 0
     assert '"event": "slack_unreachable"' in out
+
+
+def test_a_rollout_that_outlasts_the_drain_ends_the_answer_with_a_notice_and_counts_it(
+        spawn_bot, slack, socket_mode, gateway):
+    """SIGTERM 3 s into a 40 s answer with a 2 s drain: the person is told to ask again, the
+    stream is stopped, and the outcome is logged (Kubernetes then has 20 s of grace left)."""
+    bot = spawn_bot(LEDGER_BOT_SHUTDOWN_GRACE_SECONDS="2", LEDGER_BOT_STREAM_FLUSH_CHARS="5")
+    wait_for(lambda: bot.get("/ready")[0] == 200, 20, "/ready 200")
+    gateway.script(Script(text="A slow answer. " * 40, chunk_size=15, chunk_delay=1))
+    msg = slack.add_message("C100", user="U1", text=f"<@{BOT_USER}> a long question")
+    socket_mode.send_event({"type": "app_mention", "channel": "C100", "user": "U1", "text": msg["text"],
+                            "ts": msg["ts"], "team": TEAM})
+    wait_for(lambda: slack.calls_to("chat.startStream"), 20, "the answer streaming")
+    bot.proc.send_signal(signal.SIGTERM)
+    code, out, err = bot.terminate(timeout=30)
+    assert code == 0
+    shown = slack.reply_texts("C100", msg["ts"])
+    assert shown[-1].startswith("A slow answer.") and "I'm restarting" in shown[-1]
+    assert not any(m.get("streaming") for m in slack.bot_replies("C100", msg["ts"]))
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [x["outcome"] for x in lines if x["event"] == "answer"] == ["interrupted"]
+    assert any(x["event"] == "drain_timeout" and x["level"] == "error" for x in lines)
+    assert_no_secrets(out, err)
