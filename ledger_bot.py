@@ -20,7 +20,8 @@ Sections, in the order a question travels through them:
  11. Answering       - limits, follow-up verdicts, the worker's job: one question -> one reply
  12. Dispatch        - acked envelope -> ignore / duplicate / refuse / queue; feedback; notices
  13. Socket Mode     - ``SocketLink``: connect when warm, ack on the reader, detect dead links
- 14. Lifecycle       - worker pool, drain, signals, ``main()``
+ 14. Terminal        - ``--ask`` and ``--eval``: the same pipeline without Slack
+ 15. Lifecycle       - worker pool, drain, signals, ``main()``
 
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains.
@@ -141,6 +142,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ledger_bot_knowledge: Annotated[str, _setting("a readable .md/.txt file or a directory holding some")] = ""
     ledger_bot_knowledge_share: Annotated[float, _setting("a fraction between 0.05 and 0.9",
                                                           ge=0.05, le=0.9)] = 0.5
+    ledger_bot_knowledge_reload_seconds: Annotated[float, _setting("seconds >= 0 (0 = check on every question)",
+                                                                   ge=0)] = 10.0
     ledger_bot_streaming: Flag = True
     ledger_bot_stream_flush_chars: Count = 400
     ledger_bot_stream_flush_seconds: Seconds = 0.5
@@ -1134,10 +1137,13 @@ class AnswerText:
         last_line = self._held[line_start:]
         if last_line.lstrip("*_ ").startswith(SOURCES_MARK):
             self._trailer, self._held = last_line, self._held[:line_start]
-        elif last_line.strip() and SOURCES_MARK.startswith(last_line.lstrip("*_ ")):
-            keep = len(last_line)  # could be the start of the Sources line
-            return self._release(len(self._held) - keep)
-        return self._release(len(self._held) - _unsafe_tail(self._held))
+            return ""
+        if last_line.strip() and SOURCES_MARK.startswith(last_line.lstrip("*_ ")):
+            upto = line_start  # this line could still become the Sources line
+        else:
+            upto = len(self._held) - _unsafe_tail(self._held)
+        # Trailing blank space waits too: it may be the gap before the Sources line.
+        return self._release(min(upto, len(self._held[:upto].rstrip())))
 
     def _release(self, upto: int) -> str:
         out, self._held = self._held[:upto], self._held[upto:]
@@ -1247,10 +1253,18 @@ def load_knowledge(path: Path) -> list[Section]:
 
 
 _WORD = re.compile(r"[a-z0-9_]{2,}")
+# Words that match every section and rank none: without them "what does EU02 mean" ranks by
+# "what" and "does" as much as by "eu02" (measured with --eval, see README › Retrieval).
+STOPWORDS = frozenset(
+    "a an and any are as at be but by can could did do does for from has have how if in into is it its me my no not "
+    "of on or our should so that the their them then there these they this to was we were what when where which "
+    "who why will with would you your".split())
+# A section scoring under this share of the best one is noise, however much budget is left.
+RELEVANCE_CUTOFF = 0.3
 
 
 def _terms(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
 class BM25:
@@ -1271,7 +1285,13 @@ class BM25:
 
     def rank(self, query: str) -> list[Section]:
         """Sections by relevance to ``query`` (ties keep document order); sections sharing no
-        term with the query are left out."""
+        term with the query, or scoring under RELEVANCE_CUTOFF of the best, are left out."""
+        scored = self.scores(query)
+        best = scored[0][0] if scored else 0.0
+        return [self.sections[i] for score, i in scored if score >= RELEVANCE_CUTOFF * best]
+
+    def scores(self, query: str) -> list[tuple[float, int]]:
+        """(score, section index) for every section sharing a term with ``query``, best first."""
         terms = set(_terms(query)) & self._idf.keys()
         scored = []
         for index, counts in enumerate(self._counts):
@@ -1282,8 +1302,8 @@ class BM25:
                     norm = self.k1 * (1 - self.b + self.b * self._lengths[index] / self._avg)
                     score += self._idf[term] * tf * (self.k1 + 1) / (tf + norm)
             if score > 0:
-                scored.append((-score, index))
-        return [self.sections[i] for _, i in sorted(scored)]
+                scored.append((score, index))
+        return sorted(scored, key=lambda pair: (-pair[0], pair[1]))
 
 
 def rank_sections(sections: list[Section], query: str) -> list[Section]:
@@ -1366,7 +1386,7 @@ class KnowledgeStore:
 
     def current(self) -> KnowledgeBase:
         now = time.monotonic()
-        if now - self._checked < self.check_every or not self._lock.acquire(blocking=False):
+        if (self.check_every and now - self._checked < self.check_every) or not self._lock.acquire(blocking=False):
             return self._base
         try:
             self._checked = now
@@ -2288,6 +2308,31 @@ def retrieval_query(question_text: str, thread: list[dict]) -> str:
     return " ".join([question_text, *(m.get("text") or "" for m in recent)])
 
 
+def knowledge_budget(config: Config) -> int:
+    """Tokens of knowledge one prompt may carry."""
+    return int(config.ledger_bot_context_tokens * config.ledger_bot_knowledge_share)
+
+
+def build_prompt(config: Config, kb: KnowledgeBase, question: Question, thread: list[dict], me: BotIdentity,
+                 count: Callable[[str], int]) -> tuple[list[dict], KnowledgeChoice]:
+    """The one prompt pipeline (Slack, ``--ask`` and ``--eval`` alike): knowledge retrieved for
+    the question and the thread's last messages, then the thread turned into chat messages."""
+    choice = kb.choose(retrieval_query(question.text, thread), knowledge_budget(config), count)
+    messages = build_llm_messages(
+        question=question, thread=thread, me=me, system_prompt=SYSTEM_PROMPT,
+        max_messages=config.ledger_bot_history_max_messages, max_chars=config.ledger_bot_history_max_chars,
+        knowledge=choice, token_budget=config.ledger_bot_context_tokens - config.ledger_bot_max_output_tokens,
+        count_tokens=count)
+    return messages, choice
+
+
+def cited_sections(choice: KnowledgeChoice, labels: list[str]) -> list[Section]:
+    """The sections an answer cited, in citation order: only labels that were really sent (a
+    label the model made up is dropped)."""
+    sent = {s.label: s for s in choice.sections}
+    return [sent[label] for label in dict.fromkeys(labels) if label in sent]
+
+
 class Answerer:
     """Turns one Question into one reply in its thread; every failure becomes a notice.
 
@@ -2346,16 +2391,9 @@ class Answerer:
             self.metrics.first_feedback.observe(time.monotonic() - job.received)
             thread = (self.api.fetch_thread(channel=q.channel, thread_ts=q.thread_ts,
                                             max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
-            count = token_counter(c)
             kb = self.knowledge.current()
-            choice = kb.choose(retrieval_query(q.text, thread),
-                               int(c.ledger_bot_context_tokens * c.ledger_bot_knowledge_share), count)
+            messages, choice = build_prompt(c, kb, q, thread, self.me, token_counter(c))
             log_event(logging.DEBUG, "knowledge_chosen", ref=job.ref, whole=choice.whole, sections=list(choice.labels))
-            messages = build_llm_messages(
-                question=q, thread=thread, me=self.me, system_prompt=SYSTEM_PROMPT,
-                max_messages=c.ledger_bot_history_max_messages, max_chars=c.ledger_bot_history_max_chars,
-                knowledge=choice, token_budget=c.ledger_bot_context_tokens - c.ledger_bot_max_output_tokens,
-                count_tokens=count)
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
             text = AnswerText()
             stream = stream_completion(c, messages, usage, client=self.llm_client,
@@ -2369,8 +2407,7 @@ class Answerer:
             finally:
                 stream.close()  # after Stop or a failure: the gateway stops generating
             rest, labels = text.end()
-            sent = {s.label: s for s in choice.sections}
-            cited = [sent[label] for label in dict.fromkeys(labels) if label in sent]
+            cited = cited_sections(choice, labels)
             reply.finish(rest, cited)
             if reply.stopped:
                 raise StoppedByUser()
@@ -2850,7 +2887,206 @@ class SocketLink:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 14. Lifecycle
+# 14. Terminal: --ask and --eval
+# ════════════════════════════════════════════════════════════════════════════════════════
+# The same prompt, retrieval, model call and sources as in Slack, without Slack: how a
+# knowledge curator checks a document change, how a newcomer tries the bot, and the gate
+# before merging a prompt or knowledge change.
+
+TERMINAL_ME = BotIdentity(user_id="ULEDGERBOT", bot_id="", team_id="")
+# Slack settings --ask and --eval never use; the gateway ones only the offline eval skips.
+UNUSED_SLACK = {"SLACK_BOT_TOKEN": "xoxb-not-used", "SLACK_APP_TOKEN": "xapp-not-used"}
+UNUSED_GATEWAY = {"LITELLM_DEVELOPER_KEY": "not-used", "LITELLM_BASE_URL": "http://gateway.invalid"}
+
+
+def terminal_question(text: str) -> Question:
+    return Question(event_id="terminal", kind="dm", channel="terminal", user="you", team="", text=clean_text(text),
+                    ts="1.0", thread_ts="1.0", in_thread=False)
+
+
+@dataclasses.dataclass
+class ModelAnswer:
+    """What the model said through the pipeline: text, cited sections, tokens, time."""
+
+    text: str
+    cited: list[Section]
+    usage: Usage
+    seconds: float
+    failure: LLMFailure | None = None
+
+
+def answer_in_terminal(config: Config, messages: list[dict], choice: KnowledgeChoice,
+                       write: Callable[[str], Any] = lambda text: None) -> ModelAnswer:
+    """Stream one answer through the gateway, writing what a person would see as it arrives."""
+    started, usage, text, shown = time.monotonic(), Usage(), AnswerText(), []
+    failure = None
+    try:
+        for chunk in stream_completion(config, messages, usage, user=gateway_user(config, "terminal", "you")):
+            out = text.feed(chunk)
+            shown.append(out)
+            write(out)
+    except LLMFailure as e:
+        failure = e
+    rest, labels = text.end()
+    write(rest)
+    shown.append(rest)
+    return ModelAnswer("".join(shown), cited_sections(choice, labels), usage, time.monotonic() - started, failure)
+
+
+def run_ask(config: Config, question: str, out: Any) -> int:
+    """``--ask``: one question answered in the terminal; exit 0, or 1 if the gateway failed."""
+    kb = KnowledgeBase(load_knowledge(config.knowledge_path))
+    try:
+        messages, choice = build_prompt(config, kb, terminal_question(question), [], TERMINAL_ME,
+                                        token_counter(config))
+    except QuestionTooLong:
+        print(OUTCOMES["context_too_long"].notice, file=out)
+        return 1
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    result = answer_in_terminal(config, messages, choice, write)
+    out.write("\n")
+    if result.cited:
+        out.write("\nSources: " + "; ".join(s.label + (f" <{s.url}>" if s.url else "") for s in result.cited) + "\n")
+    if result.failure is not None:
+        print(f"\n{OUTCOMES[result.failure.kind].notice} [{result.failure.kind}]", file=out)
+        return 1
+    return 0
+
+
+class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    question: str
+    expect_sections: list[str] = []
+    must_contain: list[str] = []
+    must_not_contain: list[str] = []
+
+
+class EvalSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """An eval file (YAML or JSON): the questions, the knowledge folder (relative to the file;
+    default: LEDGER_BOT_KNOWLEDGE), LEDGER_BOT_* settings to evaluate under, and the floors
+    that fail the run (``recall``, ``precision`` offline; ``answers`` online)."""
+
+    questions: list[EvalQuestion]
+    knowledge: str = ""
+    settings: dict[str, str] = {}
+    thresholds: dict[str, float] = {}
+
+
+class EvalError(Exception):
+    """The eval file cannot be used; the message says why."""
+
+
+def load_eval(path: Path) -> EvalSpec:
+    try:
+        raw = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            import yaml
+
+            data = yaml.safe_load(raw)
+        spec = msgspec.convert(data, EvalSpec)
+    except (OSError, UnicodeDecodeError, ValueError, msgspec.ValidationError) as e:
+        raise EvalError(f"{path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError, imported lazily
+        raise EvalError(f"{path}: invalid YAML: {e}") from None
+    bad = sorted(k for k in spec.settings if not k.startswith("LEDGER_BOT_"))
+    if bad:
+        raise EvalError(f"{path}: settings may only name LEDGER_BOT_* variables, not {', '.join(bad)}")
+    return spec
+
+
+def retrieval_scores(expected: list[str], retrieved: tuple[str, ...]) -> tuple[float | None, float | None]:
+    """Recall and precision of the sections that reached the prompt (None where undefined: a
+    question the knowledge does not cover has no recall)."""
+    hits = len(set(expected) & set(retrieved))
+    recall = hits / len(expected) if expected else None
+    precision = hits / len(retrieved) if expected and retrieved else (0.0 if expected else None)
+    return recall, precision
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def run_eval(config: Config, spec: EvalSpec, spec_path: Path, *, online: bool, report: Path | None,
+             out: Any) -> int:
+    """``--eval``: retrieval recall/precision per question (and, online, the answers checked);
+    prints a table, writes ``report`` as JSON; exit 1 if a threshold is missed, 2 if the file
+    names sections the knowledge does not have."""
+    root = (spec_path.parent / spec.knowledge) if spec.knowledge else config.knowledge_path
+    kb = KnowledgeBase(load_knowledge(root))
+    unknown = sorted({label for q in spec.questions for label in q.expect_sections} - kb.by_label.keys())
+    if unknown:
+        print(f"eval: {len(unknown)} expected section(s) not in {root}: " + "; ".join(unknown), file=out)
+        return EXIT_CONFIG
+    count = token_counter(config)
+    rows: list[dict[str, Any]] = []
+    for q in spec.questions:
+        messages, choice = build_prompt(config, kb, terminal_question(q.question), [], TERMINAL_ME, count)
+        recall, precision = retrieval_scores(q.expect_sections, choice.labels)
+        row: dict[str, Any] = {"id": q.id, "recall": recall, "precision": precision, "whole": choice.whole,
+                               "retrieved": list(choice.labels), "expected": q.expect_sections}
+        if online:
+            result = answer_in_terminal(config, messages, choice)
+            lowered = result.text.lower()
+            cited = [s.label for s in result.cited]
+            row.update({
+                "missing": [m for m in q.must_contain if m.lower() not in lowered],
+                "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
+                "cited": cited, "cited_unexpected": [c for c in cited if c not in q.expect_sections],
+                "seconds": round(result.seconds, 2), "cost_usd": round(cost_usd(config, result.usage), 6),
+                "failure": result.failure.kind if result.failure else None,
+            })
+            row["passed"] = not (row["missing"] or row["forbidden"] or row["cited_unexpected"] or row["failure"])
+        rows.append(row)
+    summary: dict[str, Any] = {
+        "questions": len(rows), "knowledge_budget_tokens": knowledge_budget(config),
+        "recall": _mean([r["recall"] for r in rows]), "precision": _mean([r["precision"] for r in rows]),
+        "all_expected_retrieved": sum(1 for r in rows if r["recall"] == 1.0),
+        "covered": sum(1 for r in rows if r["expected"]),
+    }
+    if online:
+        summary.update({"answers": sum(r["passed"] for r in rows) / len(rows) if rows else None,
+                        "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
+                        "seconds_p50": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None})
+    _print_eval(rows, summary, online, out)
+    if report is not None:
+        report.write_text(json.dumps({"summary": summary, "questions": rows}, indent=2) + "\n", encoding="utf-8")
+    missed = [f"{name} {summary.get(name)} < {floor}" for name, floor in spec.thresholds.items()
+              if name in summary and summary[name] is not None and summary[name] < floor]
+    for line in missed:
+        print(f"eval: below threshold: {line}", file=out)
+    return 1 if missed else 0
+
+
+def _print_eval(rows: list[dict[str, Any]], summary: dict[str, Any], online: bool, out: Any) -> None:
+    def num(v: float | None) -> str:
+        return "  -  " if v is None else f"{v:5.2f}"
+
+    width = max([len(r["id"]) for r in rows] + [8])
+    head = f"{'question':<{width}}  recall  precision  sections" + ("  answer  seconds  cost_usd" if online else "")
+    print(head, file=out)
+    for r in rows:
+        line = f"{r['id']:<{width}}  {num(r['recall'])}   {num(r['precision'])}      {len(r['retrieved']):>4}"
+        if online:
+            line += f"  {'pass' if r['passed'] else 'FAIL':>6}  {r['seconds']:7.2f}  {r['cost_usd']:8.4f}"
+        print(line, file=out)
+    print(f"{'overall':<{width}}  {num(summary['recall'])}   {num(summary['precision'])}   "
+          f"(all expected sections retrieved for {summary['all_expected_retrieved']} of {summary['covered']} "
+          f"covered questions; knowledge budget {summary['knowledge_budget_tokens']} tokens)", file=out)
+    if online:
+        print(f"answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
+              f"p50 {summary['seconds_p50']} s", file=out)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 15. Lifecycle
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -3043,8 +3279,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="validate configuration, call Slack auth.test and make one tiny gateway call; "
                              "exit 0 if all pass, 1 otherwise")
+    parser.add_argument("--ask", metavar="QUESTION",
+                        help="answer one question in the terminal through the same prompt, retrieval, model and "
+                             "sources as in Slack (needs only the LITELLM_* variables)")
+    parser.add_argument("--eval", metavar="FILE", type=Path,
+                        help="measure retrieval against a golden set (YAML or JSON); offline unless --online")
+    parser.add_argument("--online", action="store_true",
+                        help="with --eval: also answer every question through the gateway and check the answers")
+    parser.add_argument("--report", metavar="PATH", type=Path, help="with --eval: write the results as JSON")
     parser.add_argument("--version", action="version", version=f"ledger-bot {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.online or args.report) and not args.eval:
+        parser.error("--online and --report go with --eval")
+    return args
 
 
 class _Fatal:
@@ -3075,9 +3322,19 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
     start-up or while running); 2: bad configuration.
     """
     args = parse_args(argv)
-    environ = os.environ if environ is None else environ
+    env: dict[str, str] | os._Environ[str] = os.environ if environ is None else environ
+    spec = None
+    if args.eval:
+        try:
+            spec = load_eval(args.eval)
+        except EvalError as e:
+            print(f"ledger-bot: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        env = {**(UNUSED_GATEWAY if not args.online else {}), **UNUSED_SLACK, **env, **spec.settings}
+    elif args.ask:
+        env = {**UNUSED_SLACK, **env}
     try:
-        config = load_config(environ)
+        config = load_config(env)
     except ConfigError as e:
         print("ledger-bot: invalid configuration:", file=sys.stderr)
         for problem in e.problems:
@@ -3085,9 +3342,14 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
         print("See README.md (Configuration) or .env.example.", file=sys.stderr)
         return EXIT_CONFIG
     redact.add_secrets(*(getattr(config, name.lower()) for name in SECRET_ENV_VARS))
-    if args.check:
+    if args.check or args.ask or spec is not None:
         setup_logging("ERROR", "text", sys.stderr)
+    if args.check:
         return run_check(config, sys.stdout)
+    if args.ask:
+        return run_ask(config, args.ask, sys.stdout)
+    if spec is not None:
+        return run_eval(config, spec, args.eval, online=args.online, report=args.report, out=sys.stdout)
 
     setup_logging(config.log_level, config.log_format)
     stop = stop or threading.Event()
@@ -3109,7 +3371,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
 
 
 def _serve(config: Config, health: Health, metrics: Metrics, stop: threading.Event, warm: threading.Thread) -> int:
-    knowledge = KnowledgeStore(config.knowledge_path)
+    knowledge = KnowledgeStore(config.knowledge_path, check_every=config.ledger_bot_knowledge_reload_seconds)
     log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path),
               sections=len(knowledge.current().sections))
     fatal = _Fatal(stop)

@@ -264,3 +264,70 @@ def test_ready_only_while_connected_and_never_after_stop_begins():
     assert health.ready()[0] is True
     health.stopping = True
     assert health.ready()[0] is False and health.ready()[1]["status"] == "stopping"
+
+
+# ── reply planning, mentions, budgets (pure) ─────────────────────────────────────────────
+
+
+def test_rollover_planner_ends_a_message_at_a_paragraph_break_near_the_limit():
+    shown = "x" * 900
+    send, rest, end = lb.next_piece(shown, "more text\n\nnext paragraph", limit=1000, soft_zone=200)
+    assert (send, rest, end) == ("more text\n\n", "next paragraph", True)
+    assert lb.next_piece("short", " and more", limit=1000, soft_zone=200) == (" and more", "", False)
+
+
+def test_rollover_planner_closes_and_reopens_a_code_fence_it_cuts():
+    shown = "```sql\n" + "select 1;\n" * 90
+    send, rest, end = lb.next_piece(shown, "select 2;\n" * 20, limit=1000, soft_zone=200)
+    assert end and send.endswith("```") and rest.startswith("```sql\n")
+    assert len(shown + send) <= 1000
+
+
+def test_fence_seam_is_empty_outside_code_and_repairs_inside():
+    assert lb.fence_seam("plain text") == ("", "")
+    assert lb.fence_seam("```python\nx = 1") == ("\n```", "```python\n")
+
+
+@pytest.mark.parametrize("loud", ["<!here>", "<!channel>", "<!everyone>", "<!here|here>", "<!subteam^S1|@gl>",
+                                  "<!subteam^S1>", "@here", "@channel", "@everyone"])
+def test_crowd_mentions_are_made_inert_and_stay_inert(loud):
+    once = lb.neutralise_broadcasts(f"hey {loud} look")
+    assert "<!" not in once and not any(f"@{w}" in once for w in ("here", "channel", "everyone"))
+    assert lb.neutralise_broadcasts(once) == once
+
+
+def test_answer_text_never_releases_half_a_crowd_mention():
+    text = lb.AnswerText()
+    shown = text.feed("ping <!he") + text.feed("re> now")
+    rest, _ = text.end()
+    assert "<!here>" not in shown + rest and "@\u2060here" in shown + rest
+
+
+def test_rate_budget_is_a_sliding_window_per_method_and_per_channel_for_posts():
+    now = [0.0]
+    budget = lb.RateBudget({"chat.update": 2, "chat.postMessage": 60}, clock=lambda: now[0])
+    assert budget.take("chat.update") and budget.take("chat.update") and not budget.take("chat.update")
+    assert budget.take("chat.postMessage", channel="C1") and not budget.take("chat.postMessage", channel="C1")
+    assert budget.take("chat.postMessage", channel="C2")
+    now[0] = lb.RATE_WINDOW_SECONDS + 0.1
+    assert budget.take("chat.update")
+    budget.block("chat.update", 30)
+    now[0] += 1
+    assert not budget.take("chat.update")
+
+
+def test_rate_share_and_overrides_come_from_one_table():
+    config = lb.load_config({**VALID, "LEDGER_BOT_SLACK_RATE_LIMITS": "chat.appendStream=60",
+                             "LEDGER_BOT_SLACK_RATE_SHARE": "0.5"})
+    limits = lb.rate_limits(config)
+    assert limits["chat.appendStream"] == 30 and limits["chat.startStream"] == 10
+    with pytest.raises(lb.ConfigError):
+        lb.load_config({**VALID, "LEDGER_BOT_SLACK_RATE_LIMITS": "appendStream"})
+
+
+def test_every_outcome_has_a_level_and_failures_have_notices():
+    assert {"ok", "stopped_by_user", "interrupted", "gateway_auth_error", "gateway_config_error",
+            "gateway_budget_exhausted", "content_policy", "user_budget_exhausted",
+            "fleet_budget_exhausted"} <= set(lb.OUTCOMES)
+    for kind, outcome in lb.OUTCOMES.items():
+        assert (outcome.notice is None) == (kind in ("ok", "stopped_by_user")), kind
