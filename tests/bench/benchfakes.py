@@ -15,16 +15,17 @@ Production-shaped transport (``run.py --transport production``):
 
 - ``make_tls(dir)`` makes a throwaway CA and a server certificate for 127.0.0.1 with the
   ``openssl`` CLI; the bot trusts it through ``SSL_CERT_FILE`` (a bundle: the system CAs + this CA).
-- ShapedHTTPServer: pytest-httpserver's server with TLS done per connection (in the connection's
-  own thread) and an injected round trip: 2 x RTT when a connection is accepted (TCP + TLS
+- ShapedHTTPServer: pytest-httpserver's matchers on a keep-alive HTTP/1.1 server (werkzeug's
+  closes every connection), TLS done per connection in the connection's own thread, and an
+  injected round trip: 2 x RTT when a connection is accepted (TCP + TLS
   handshake) and 1 x RTT per request (half before the request is handled, half before the
   response leaves). It counts accepted connections and requests, so a client that opens a
   connection per call pays, and shows, more than one that keeps connections alive. With no TLS
-  and RTT 0 it is the plain loopback server the benchmark always used.
+  and RTT 0 it is the loopback server (both transports use it, so they differ only in TLS + RTT).
 - Socket Mode stays ws:// without injected RTT (see BenchSocketMode).
-- SlackTiers: Slack's per-method rate tiers (per-minute budgets, 429 + Retry-After), switched
-  on per BenchSlack with ``enforce_tiers()``. Self-contained so it can be swapped for the
-  enforcement tests/fakes.py grows (issue 10).
+- Rate tiers: BenchSlack turns tests/fakes.py's tier enforcement off, except after
+  ``enforce_tiers()`` (the tiers scenario), which uses fakes.py's own (``FakeSlack._over_tier``)
+  or, with a fakes.py that has none, this module's SlackTiers (the same budgets).
 
 A question's text carries ``qid<N> p=<profile>``; the gateway reads both from the last user turn.
 Answer tokens look like ``word `` with ``zz<N>x<i>zz`` markers every ``marker_every`` tokens and
@@ -35,17 +36,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http.server
+import io
 import json
 import math
 import multiprocessing as mp
 import os
 import re
 import shutil
+import socket
+import socketserver
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +61,10 @@ sys.path.insert(0, str(HERE.parent))  # tests/, for fakes.py
 from fakes import FakeGateway, FakeSlack, FakeSocketMode, _completion, _sse_line  # noqa: E402
 from pytest_httpserver import HTTPServer  # noqa: E402
 from werkzeug import Request, Response  # noqa: E402
-from werkzeug.serving import ThreadedWSGIServer  # noqa: E402
 
 MARKER = re.compile(r"zz(\d+)x(\d+|E)zz")
 QUESTION = re.compile(r"qid(\d+) p=(\w+)")
+NOTICE_STARTS = ("Sorry", "I'm busy", "I’m busy")
 WORDS = ("ledger ", "journal ", "period ", "accrual ", "balance ", "posting ", "entries ", "source ")
 
 
@@ -173,17 +179,100 @@ def make_tls(directory: Path) -> TLSFiles:
                     key=str(d / "server.key"))
 
 
-class _ShapedWSGIServer(ThreadedWSGIServer):
-    """werkzeug's threaded server, with the handshake (and its injected cost) done in the
-    connection's own thread, so a slow handshake never holds up the accept loop."""
+class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, handing each request to the WSGI app.
 
-    def __init__(self, host: str, port: int, app, shaped: "ShapedHTTPServer") -> None:  # noqa: ANN001
+    werkzeug's development server (what pytest-httpserver runs) sends ``Connection: close`` on
+    every response, so no client could reuse a connection against it and connection reuse would
+    be invisible. This handler keeps a connection open unless the client asks to close it
+    (urllib does), sends bodies with Content-Length, and streams the rest chunked (SSE).
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "bench-fake"
+    timeout = 120  # an idle kept-alive connection is dropped after this (real hosts do too)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002, ANN001, ANN002
+        pass
+
+    def _wsgi(self) -> None:
+        shaped: ShapedHTTPServer = self.server.shaped  # type: ignore[attr-defined]
+        shaped._count("requests")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path, _, query = self.path.partition("?")
+        environ = {
+            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "", "PATH_INFO": urllib.parse.unquote(path),
+            "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": str(self.server.server_address[1]),
+            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_PORT": str(self.client_address[1]), "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)), "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if shaped.tls_context is not None else "http", "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for key, value in self.headers.items():
+            key = key.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ["HTTP_" + key] = value
+        started: list = []
+
+        def start_response(status, headers, exc_info=None):  # noqa: ANN001, ANN202
+            started[:] = [status, headers]
+            return lambda data: None
+
+        if shaped.rtt:
+            time.sleep(shaped.rtt / 2)  # the request travels to the server ...
+        result = shaped.app(environ, start_response)
+        try:
+            if shaped.rtt:
+                time.sleep(shaped.rtt / 2)  # ... and the response back
+            status, headers = started
+            code, _, reason = status.partition(" ")
+            self.send_response(int(code), reason)
+            chunked = not any(k.lower() == "content-length" for k, _ in headers)
+            for k, v in headers:
+                self.send_header(k, v)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            if not chunked:  # headers and body in one write, as servers do
+                self._headers_buffer.append(b"\r\n" + b"".join(result))
+                self.flush_headers()
+                return
+            self.end_headers()
+            for data in result:
+                if data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+        except Exception:
+            self.close_connection = True  # a stream cut mid-way: drop the connection
+            raise
+        finally:
+            close = getattr(result, "close", None)
+            if close:
+                close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _wsgi
+
+
+class _ShapedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A thread per connection; the (TLS) handshake and its injected cost happen in that
+    thread, so a slow handshake never holds up the accept loop."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # 100 clients connecting at once must not overflow the backlog
+
+    def __init__(self, host: str, shaped: "ShapedHTTPServer") -> None:
         self.shaped = shaped
-        super().__init__(host, port, app)
+        super().__init__((host, 0), _KeepAliveHandler)
+        self.port = self.server_address[1]
 
     def finish_request(self, request, client_address) -> None:  # noqa: ANN001 - in the connection's thread
         shaped = self.shaped
         shaped._count("connections")
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as production servers do
         if shaped.rtt:
             time.sleep(2 * shaped.rtt)  # TCP handshake + TLS 1.3 handshake: ~2 round trips
         conn = request
@@ -205,8 +294,9 @@ class _ShapedWSGIServer(ThreadedWSGIServer):
 
 
 class ShapedHTTPServer(HTTPServer):
-    """pytest-httpserver's HTTPServer shaped like a production host: TLS, a round-trip time, and
-    counters of accepted connections and requests (``counters()``). ``rtt=0``, no TLS: loopback."""
+    """pytest-httpserver's HTTPServer (same matchers and handlers) on a keep-alive HTTP/1.1
+    server shaped like a production host: TLS, a round-trip time, and counters of accepted
+    connections and requests (``counters()``). ``rtt=0``, no TLS: loopback."""
 
     def __init__(self, *, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:
         super().__init__(host="127.0.0.1", port=0, threaded=True)
@@ -215,6 +305,7 @@ class ShapedHTTPServer(HTTPServer):
         self.ssl_context = self.tls_context  # only for url_for(): https://
         self._counts: collections.Counter = collections.Counter()
         self._counts_lock = threading.Lock()
+        self.app = None
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -224,26 +315,24 @@ class ShapedHTTPServer(HTTPServer):
         with self._counts_lock:
             return dict(self._counts)
 
-    def _wsgi(self, app):  # noqa: ANN001, ANN202
-        rtt = self.rtt
-
-        def shaped(environ, start_response):  # noqa: ANN001, ANN202
-            self._count("requests")
-            if rtt:
-                time.sleep(rtt / 2)  # the request travels to the server ...
-            body = app(environ, start_response)
-            if rtt:
-                time.sleep(rtt / 2)  # ... and the response back (headers go out on the first write)
-            return body
-        return shaped
-
     def start(self) -> None:
         if self.is_running():
             raise RuntimeError("Server is already running")
-        self.server = _ShapedWSGIServer(self.host, self.port, self._wsgi(Request.application(self.application)), self)
+        self.app = Request.application(self.application)
+        self.server = _ShapedServer(self.host, self)
         self.port = self.server.port
         self.server_thread = threading.Thread(target=self.thread_target, daemon=True)
         self.server_thread.start()
+
+    def thread_target(self) -> None:
+        self.server.serve_forever(poll_interval=0.1)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.server_thread.join()
+        self.server = None
+        self.server_thread = None
 
 
 # ── Socket Mode ──────────────────────────────────────────────────────────────────────────
@@ -281,8 +370,8 @@ class SlackTiers:
     the oldest call in the window ages out (what slack_sdk's RateLimitErrorRetryHandler sleeps).
     Rejected calls do not count against the budget. Methods not listed are not limited.
 
-    Isolated here so the benchmark can switch to tests/fakes.py's own enforcement (issue 10)
-    by replacing ``BenchSlack.enforce_tiers`` and ``rejected``; nothing else depends on it.
+    Used only when tests/fakes.py's FakeSlack has no enforcement of its own (``_over_tier``,
+    issue 10); see BenchSlack.enforce_tiers. Nothing else depends on it.
     """
 
     PER_MINUTE = {"chat.startStream": 20, "chat.stopStream": 20, "chat.update": 50, "conversations.replies": 50,
@@ -343,12 +432,38 @@ class BenchSlack(FakeSlack):
         self.notices: dict[int, str] = {}
         self.notice_at: dict[int, float] = {}
         self.method_counts: dict[str, int] = {}
-        self.tiers: SlackTiers | None = None
+        self.enforcing_tiers = False
+        self.tier_enforcer: SlackTiers | None = None  # ours, only where tests/fakes.py has none
+        self.tier_source = "off"
 
-    def enforce_tiers(self, per_minute: dict[str, int] | None = None) -> SlackTiers:
-        """From now on, answer calls over Slack's rate tiers with 429 (see SlackTiers)."""
-        self.tiers = SlackTiers(per_minute)
-        return self.tiers
+    # rate tiers ----------------------------------------------------------------------------
+
+    def enforce_tiers(self) -> None:
+        """From now on, answer calls over Slack's rate tiers with 429 + Retry-After.
+
+        tests/fakes.py's FakeSlack enforces the tiers itself (``_over_tier``, issue 10); that is
+        used when present, else this module's SlackTiers. Until this is called the benchmark
+        turns enforcement off: the other scenarios measure speed at a load (100 answers at once)
+        that no Slack tier allows, and a 429 there would measure the retry sleep instead.
+        """
+        self.enforcing_tiers = True
+        if hasattr(FakeSlack, "_over_tier"):
+            self.tier_source = "tests/fakes.py FakeSlack._over_tier"
+        else:
+            self.tier_enforcer = SlackTiers()
+            self.tier_source = "benchfakes.SlackTiers"
+
+    def _over_tier(self, method: str, channel: str) -> float | None:  # tests/fakes.py's hook
+        if not self.enforcing_tiers or self.tier_enforcer is not None:
+            return None
+        return super()._over_tier(method, channel)
+
+    def rejected(self) -> collections.Counter:
+        """429s sent to the client, by method."""
+        if self.tier_enforcer is not None:
+            return collections.Counter(self.tier_enforcer.rejected)
+        with self._lock:
+            return collections.Counter(getattr(self, "rate_limited", []))
 
     def register(self, qid: int, channel: str, thread_ts: str) -> None:
         with self._lock:
@@ -370,7 +485,7 @@ class BenchSlack(FakeSlack):
             self.method_counts[method] = self.method_counts.get(method, 0) + 1
             if len(self.calls) > 2000:
                 self.calls.clear()
-        tiers = self.tiers
+        tiers = self.tier_enforcer
         if tiers is not None:
             if request.mimetype == "application/json":
                 channel = (request.get_json(silent=True) or {}).get("channel")
@@ -406,8 +521,8 @@ class BenchSlack(FakeSlack):
                 if idx == "E" and qid not in self.done:
                     self.done[qid] = now
                     self.cond.notify_all()
-            stripped = text.lstrip("_ ")
-            if stripped.startswith(("Sorry", "I'm busy", "I’m busy")):
+            stripped = next((t.lstrip("_ \n") for t in parts if t.lstrip("_ \n").startswith(NOTICE_STARTS)), "")
+            if stripped:
                 qid = self.thread_qid.get((channel, msg.get("thread_ts") or msg.get("ts") or ""))
                 if qid is not None and qid not in self.notices and qid not in self.done:
                     self.notices[qid] = stripped[:60]

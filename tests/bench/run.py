@@ -1,7 +1,8 @@
 """Benchmark ledger-bot under load, against a Bolt baseline shaped like the prototype.
 
-    .venv/bin/python tests/bench/run.py --quick     # ~6 min: 1 round per transport, 1,000-answer soak
+    .venv/bin/python tests/bench/run.py --quick     # ~6 min: 1 round; production: start-up + cpu only
     .venv/bin/python tests/bench/run.py             # 3 rounds per transport, 10,000-answer soak in round 1
+    .venv/bin/python tests/bench/run.py --transport production --rounds 1 --soak 300   # production, all
     .venv/bin/python tests/bench/run.py --transport loopback --only load,soak   # a regression check
     .venv/bin/python tests/bench/tls_check.py       # which HTTP clients honour SSL_CERT_FILE
 
@@ -36,7 +37,7 @@ Per process, in order (``--only`` picks scenarios, comma-separated; start-up and
   cpu        N 50-chunk answers from an instant model, 20 outstanding: CPU per answer (issue 15)
   overload   500 questions arriving at 100/s, at most 250 outstanding, answers taking ~1.5 s
              (100 workers cannot keep up): ack p50/p99, answers/s, answered + busy notices, lost
-  tiers      (issue 10; fresh processes, round 1 only; production only without --quick) a Slack
+  tiers      (issue 10; fresh processes, round 1 only) a Slack
              fake that enforces the per-method rate tiers from the first call (benchfakes.SlackTiers):
              one 3,000-character answer alone (token -> visible p50/p95), then, in another fresh
              process, 20 concurrent 3,000-character answers: 429s sent to the bot (by method),
@@ -95,6 +96,7 @@ PRODUCTION_RTT = {"slack": 0.030, "gateway": 0.005}  # seconds; --slack-rtt-ms /
 
 SCENARIOS = ("load", "burst", "soak", "cpu", "overload", "tiers")
 MAIN_SCENARIOS = SCENARIOS[:-1]  # phases of the main process; tiers run in fresh ones
+QUICK_PRODUCTION = {"cpu"}  # --quick on the production transport (plus start-up and warm-up)
 
 # metric -> (human target, check(bot_value) -> bool, the transport the target is for or None for any)
 TARGETS = {
@@ -501,7 +503,8 @@ class Run:
                 peak = max(peak, len(qids) - (slack.finished() - base))
             qids.append(self.ask("overload"))
         sent_for = time.monotonic() - t0
-        ok = self.wait(qids, 120)
+        ok = self.wait(qids, 60)  # each answer takes ~1.5 s: a minute after the last arrival is lost, not slow
+        cpu = self.cpu() - c0
         outs = self.outcomes(qids)
         ends = [slack.done.get(q) or slack.notice_at.get(q) for q in qids]
         ends = [e for e in ends if e is not None]
@@ -516,7 +519,7 @@ class Run:
             "overload_answered": outs["answered"], "overload_busy": busy,
             "overload_other_notices": sum(outs["notices"].values()) - busy, "overload_lost": outs["missing"],
             "overload_arrival_per_s": n / sent_for, "overload_peak_outstanding": peak,
-            "overload_bot_cpu_pct": (self.cpu() - c0) / (time.monotonic() - t0) * 100,
+            "overload_bot_cpu_pct": cpu / wall * 100 if wall else None,
         })
         self.extra["overload_outcomes"] = {**outs, "all_finished": ok}
         self.gateway.take()
@@ -547,21 +550,20 @@ class Run:
         emitted, _ = self.gateway.take()
         tv = self.token_visible_ms([q], emitted)
         check = self.check_answers([q], "tier")
-        tiers = self.slack.tiers
+        rejected = self.slack.rejected()
         self.res.update({
             "tiers_single_token_visible_p50_ms": pct(tv, 50), "tiers_single_token_visible_p95_ms": pct(tv, 95),
             "tiers_single_answer_s": (self.slack.done[q] - self.sent(q)) if q in self.slack.done else None,
-            "tiers_single_429s": sum(tiers.rejected.values()),
+            "tiers_single_429s": sum(rejected.values()),
             **self.per_answer("tiers_single", net0, self.net(), 1),
         })
-        self.extra["tiers_single"] = {"finished": ok, **check, "accepted": dict(tiers.accepted),
-                                      "rejected": dict(tiers.rejected)}
+        self.extra["tiers_single"] = {"finished": ok, **check, "enforced_by": self.slack.tier_source,
+                                      "method_counts": dict(self.slack.method_counts), "rejected_429": dict(rejected)}
 
     def tiers_concurrent(self, n: int, timeout: float) -> None:
         """``n`` concurrent 3,000-character answers, tiers enforced from the first call."""
         self.gateway.take()
-        tiers = self.slack.tiers
-        before = sum(tiers.rejected.values())
+        before = sum(self.slack.rejected().values())
         net0 = self.net()
         qids = [self.ask("tier") for _ in range(n)]
         ok = self.wait(qids, timeout)
@@ -571,8 +573,9 @@ class Run:
         tv = self.token_visible_ms(qids, emitted)
         check = self.check_answers(qids, "tier")
         outs = self.outcomes(qids)
+        rejected = self.slack.rejected()
         self.res.update({
-            "tiers_429s": sum(tiers.rejected.values()) - before,
+            "tiers_429s": sum(rejected.values()) - before,
             "tiers_complete": check["complete"], "tiers_incomplete": n - check["complete"],
             "tiers_doubled": check["doubled"], "tiers_notices": sum(outs["notices"].values()),
             "tiers_wall_s": (max(ends) - first) if ok and ends else None,
@@ -580,7 +583,7 @@ class Run:
             **self.per_answer("tiers", net0, self.net(), n),
         })
         self.extra["tiers"] = {"finished_within_timeout": ok, "timeout_s": timeout, **check, **outs,
-                               "accepted": dict(tiers.accepted), "rejected_429": dict(tiers.rejected),
+                               "enforced_by": self.slack.tier_source, "rejected_429": dict(rejected),
                                "method_counts": dict(self.slack.method_counts)}
 
 
@@ -715,7 +718,8 @@ def parse_only(values: list[str]) -> tuple[set[str], str | None]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="1 round per transport; soak 1,000 (production 300), cpu 200 (production 100); tiers on loopback only")
+                    help="1 round per transport; loopback: everything (soak 1,000, cpu 200); production: start-up, "
+                         "warm-up and cpu (50)")
     ap.add_argument("--rounds", type=int, help="rounds per transport (default 3; 1 with --quick)")
     ap.add_argument("--soak", type=int, help="answers in the soak (default 10,000 in round 1, else 1,000)")
     ap.add_argument("--cpu-answers", type=int, help="answers in the cpu scenario (default 500; 200 with --quick)")
@@ -723,8 +727,9 @@ def main() -> int:
     ap.add_argument("--slack-rtt-ms", type=float, default=30.0, help="production transport: round trip to Slack")
     ap.add_argument("--gateway-rtt-ms", type=float, default=5.0, help="production transport: round trip to the gateway")
     ap.add_argument("--tiers-answers", type=int, default=20, help="concurrent answers in the tiers scenario")
-    ap.add_argument("--tiers-timeout", type=float, default=90.0,
-                    help="seconds the tiers scenario waits for its answers (a 429's Retry-After can be ~60 s)")
+    ap.add_argument("--tiers-timeout", type=float,
+                    help="seconds the tiers scenario waits for its answers (default 90, 45 with --quick; "
+                         "a 429's Retry-After can be ~60 s)")
     ap.add_argument("--bot", type=Path, default=ROOT / "ledger_bot.py", help="ledger_bot.py to run (e.g. a patched copy)")
     ap.add_argument("--impl", choices=["ledger-bot", "baseline"], help="run one implementation (no ratios)")
     ap.add_argument("--only", action="append", default=[], metavar="SCENARIOS",
@@ -770,8 +775,13 @@ def main() -> int:
             for t in (transports if i % 2 == 0 else transports[::-1]):
                 soak_n = args.soak or (1000 if args.quick or i > 0 else 10_000)
                 cpu_n = args.cpu_answers or (200 if args.quick else 500)
-                if args.quick and t.name == "production" and not (args.soak or args.cpu_answers):
-                    soak_n, cpu_n = 300, 100  # a connection per Slack call makes today's bot ~2.5 answers/s here
+                run_scenarios = scenarios
+                if args.quick and t.name == "production":
+                    # A TLS connection per Slack call makes today's bot ~2.5 answers/s here (and a
+                    # flush per token once calls are slow): --quick keeps production to start-up,
+                    # warm-up and a 50-answer cpu scenario; the full run does everything.
+                    run_scenarios = scenarios & QUICK_PRODUCTION
+                    cpu_n = args.cpu_answers or 50
                 order = impls(args.bot, dict(kv.split("=", 1) for kv in args.env))
                 if i % 2:
                     order.reverse()  # alternate who goes first: the box warms up, neighbours come and go
@@ -781,15 +791,16 @@ def main() -> int:
                 for impl in order:
                     tm = time.monotonic()
                     tag = f"r{i + 1}-{t.name}"
-                    tiers_now = "tiers" in scenarios and i == 0 and (t.name == "loopback" or not args.quick)
-                    if not (scenarios & set(MAIN_SCENARIOS) or tiers_now):
+                    tiers_now = "tiers" in run_scenarios and i == 0
+                    if not (run_scenarios & set(MAIN_SCENARIOS) or tiers_now):
                         continue
-                    if scenarios & set(MAIN_SCENARIOS):
+                    if run_scenarios & set(MAIN_SCENARIOS):
                         print(f"round {i + 1}/{n_rounds} {t.name}: {impl.name} (soak {soak_n}) ...", file=sys.stderr, flush=True)
-                        res[impl.name] = run_one(impl, t, logdir, tag, soak_n, scenarios, cpu_n, args.profile)
+                        res[impl.name] = run_one(impl, t, logdir, tag, soak_n, run_scenarios, cpu_n, args.profile)
                     if tiers_now:
                         print(f"round {i + 1}/{n_rounds} {t.name}: {impl.name} tiers ...", file=sys.stderr, flush=True)
-                        res[impl.name].update(run_tiers(impl, t, logdir, tag, args.tiers_answers, args.tiers_timeout))
+                        res[impl.name].update(run_tiers(impl, t, logdir, tag, args.tiers_answers,
+                                                        args.tiers_timeout or (45.0 if args.quick else 90.0)))
                     print(f"  done in {time.monotonic() - tm:.0f}s: " + json.dumps(
                         {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res[impl.name].items()
                          if not k.startswith("_")}), file=sys.stderr, flush=True)
