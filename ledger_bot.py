@@ -92,6 +92,10 @@ SECRET_ENV_VARS = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY"
 EXIT_CONFIG = 2
 EXIT_SLACK_AUTH = 1
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge"
+DEFAULT_PROMPTS = ("Why did my journal import reject rows in GL_INTERFACE?",
+                   "How does GL Publisher post journals to the Oracle General Ledger?",
+                   "What does a period status of 'Future Enterable' allow?",
+                   "How do I trace a GL balance back to its journal lines?")
 
 
 def _setting(description: str, **constraints: Any) -> msgspec.Meta:
@@ -151,6 +155,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ledger_bot_slack_rate_limits: Annotated[tuple[str, ...], _setting(
         "comma-separated method=calls_per_minute, e.g. chat.appendStream=100")] = ()
     ledger_bot_follow_ups: Flag = False
+    ledger_bot_suggested_prompts: Annotated[str, _setting("prompts separated by |, at most 4")] = ""
+    ledger_bot_image_max_count: Annotated[int, _setting("a whole number 0-10 (0 = no images)", ge=0, le=10)] = 4
+    ledger_bot_image_max_bytes: Annotated[int, _setting("bytes between 1 and 20,000,000", ge=1,
+                                                        le=20_000_000)] = 5_000_000
     ledger_bot_allowed_channels: Annotated[tuple[str, ...], _setting("comma-separated Slack channel ids")] = ()
     ledger_bot_allowed_users: Annotated[tuple[str, ...], _setting("comma-separated Slack user ids")] = ()
     ledger_bot_feedback: Flag = True
@@ -166,6 +174,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     def knowledge_path(self) -> Path:
         """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
         return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
+
+    @property
+    def suggested_prompts(self) -> list[str]:
+        """What the AI pane offers when a thread starts (Slack shows at most four)."""
+        given = [p.strip() for p in self.ledger_bot_suggested_prompts.split("|") if p.strip()]
+        return (given or list(DEFAULT_PROMPTS))[:4]
 
     @property
     def drain_seconds(self) -> float:
@@ -399,7 +413,7 @@ def _tame_litellm_logging() -> None:
 # Histogram bounds. The SLO thresholds in workloads/ (first text within 10 s, answer within
 # 45 s) are bounds here, so an SLO ratio reads an exact bucket instead of interpolating.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300)
-EVENT_TYPES = ("app_mention", "message", "block_actions", "other")
+EVENT_TYPES = ("app_mention", "message", "block_actions", "assistant", "shortcut", "app_home", "other")
 EVENT_OUTCOMES = ("accepted", "ignored", "duplicate", "rejected")
 
 
@@ -564,6 +578,10 @@ SLACK_RATE_TIERS: dict[str, int] = {
     "chat.appendStream": TIER_4,
     "chat.stopStream": TIER_2,
     "assistant.threads.setStatus": TIER_3,
+    "assistant.threads.setSuggestedPrompts": TIER_4,
+    "assistant.threads.setTitle": TIER_4,
+    "views.open": TIER_4,
+    "views.publish": TIER_4,
 }
 PER_CHANNEL_METHODS = frozenset({"chat.postMessage"})
 JSON_METHOD_PREFIXES = ("chat.", "assistant.", "views.")
@@ -796,6 +814,50 @@ class SlackApi:
         self.call("chat.stopStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown or None,
                   blocks=extra_blocks or None, metadata=message_metadata(metadata_type, ref))
 
+    # -- the assistant pane, the Home tab, modals, files ---------------------------------------
+
+    def set_suggested_prompts(self, *, channel: str, thread_ts: str, prompts: list[str]) -> None:
+        """``assistant.threads.setSuggestedPrompts``: what a new AI-pane thread offers."""
+        self.call("assistant.threads.setSuggestedPrompts", wait=5, channel_id=channel, thread_ts=thread_ts,
+                  title="Ask about GL Publisher or the Oracle GL",
+                  prompts=[{"title": p if len(p) <= 75 else p[:74] + "…", "message": p} for p in prompts])
+
+    def set_title(self, *, channel: str, thread_ts: str, title: str) -> None:
+        """``assistant.threads.setTitle``: the AI-pane thread's name in the history list."""
+        self.call("assistant.threads.setTitle", wait=5, channel_id=channel, thread_ts=thread_ts, title=title)
+
+    def open_view(self, *, trigger_id: str, view: dict) -> None:
+        """``views.open``: a modal (the trigger expires after 3 s, so this never waits)."""
+        self.call("views.open", wait=0, trigger_id=trigger_id, view=view)
+
+    def publish_home(self, *, user: str, view: dict) -> None:
+        """``views.publish``: the person's Home tab."""
+        self.call("views.publish", wait=10, user_id=user, view=view)
+
+    def download(self, url: str, *, max_bytes: int) -> tuple[bytes, str]:
+        """A file Slack hosts (``url_private``), with the bot token (needs ``files:read``): its
+        bytes and content type. SlackError if it cannot be fetched, is not a file (Slack
+        answers a login page when the scope is missing) or is larger than ``max_bytes``."""
+        import urllib.request
+
+        api, target = urllib.parse.urlsplit(self.web.base_url), urllib.parse.urlsplit(url)
+        if (target.scheme, target.netloc) not in {(api.scheme, api.netloc), ("https", "files.slack.com")}:
+            raise SlackError("files", "not_a_slack_file_url")  # the bot token goes to Slack only
+        request = urllib.request.Request(url)
+        # Never carried across a redirect: Slack answers a missing scope with a login page elsewhere.
+        request.add_unredirected_header("Authorization", f"Bearer {self.web.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                kind = resp.headers.get_content_type()
+                data = resp.read(max_bytes + 1)
+        except OSError as e:
+            raise SlackError("files", type(e).__name__) from None
+        if kind == "text/html":
+            raise SlackError("files", "login_page (is files:read granted?)")
+        if len(data) > max_bytes:
+            raise SlackError("files", "too_large")
+        return data, kind
+
     def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
         """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
         Slack refuses it or its budget is spent. Slack clears it at the next post in the thread,
@@ -865,7 +927,8 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
     ``app_mention`` -> a question in its thread; ``message`` in a DM (``channel_type: im``) ->
     a question threaded under it. With ``follow_ups``, a channel message inside a thread is a
     "followup" question (the worker checks that the thread started with a mention of the bot).
-    Other bots, the bot itself, edits, deletions and every other subtype are ignored, as are
+    A message with files (subtype ``file_share``) is a question like any other. Other bots, the
+    bot itself, edits, deletions and every other subtype are ignored, as are
     other channel messages and channel messages that mention the bot (their ``app_mention``
     twin is the one answered).
     """
@@ -873,7 +936,7 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
         return Ignored("unsupported_event")
     if event.bot_id or event.subtype == "bot_message":
         return Ignored("own_message" if event.bot_id == me.bot_id or event.user == me.user_id else "bot")
-    if event.subtype:
+    if event.subtype and event.subtype != "file_share":  # a question with a screenshot is file_share
         return Ignored("subtype")
     if event.user == me.user_id:
         return Ignored("own_message")
@@ -1157,6 +1220,131 @@ class AnswerText:
         first_line = self._trailer.strip().split("\n")[0].lstrip("*_ ")
         labels = first_line[len(SOURCES_MARK):].strip("*_ ")
         return rest.rstrip(), [label.strip().strip("`[]*") for label in labels.split(";") if label.strip()]
+
+
+# -- the AI pane, the thread shortcut, the Home tab, screenshots (pure) -------------------
+
+SHORTCUT_CALLBACK = "ask_ledger_bot"  # the message shortcut (slack-app-manifest.yaml)
+MODAL_CALLBACK = "ask_ledger_bot_modal"
+MODAL_INPUT = ("question_block", "question")  # block_id, action_id of the modal's one field
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def thread_title(text: str, me: BotIdentity) -> str:
+    """An AI-pane thread's title: its first question, on one line, at most 60 characters."""
+    line = " ".join(strip_mention(text, me.user_id).split())
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def ask_modal(*, channel: str, thread_ts: str) -> dict:
+    """The "Ask ledger-bot about this thread" modal: one field, prefilled; where to answer
+    travels in ``private_metadata``."""
+    block_id, action_id = MODAL_INPUT
+    return {"type": "modal", "callback_id": MODAL_CALLBACK,
+            "title": {"type": "plain_text", "text": "Ask ledger-bot"},
+            "submit": {"type": "plain_text", "text": "Ask"},
+            "close": {"type": "plain_text", "text": "Cancel"},
+            "private_metadata": json.dumps({"channel": channel, "thread_ts": thread_ts}),
+            "blocks": [{"type": "input", "block_id": block_id,
+                        "label": {"type": "plain_text", "text": "Your question about this thread"},
+                        "element": {"type": "plain_text_input", "action_id": action_id, "multiline": True,
+                                    "initial_value": "Summarize this thread", "max_length": 3000}}]}
+
+
+def shortcut_question(view: dict, user: dict, *, now: float) -> Question | None:
+    """The question a submitted modal asks, to be answered in the thread it came from; None if
+    the submission is malformed. Its ts is "now", so the whole thread counts as history."""
+    try:
+        where = json.loads(view.get("private_metadata") or "{}")
+        block_id, action_id = MODAL_INPUT
+        text = str(view["state"]["values"][block_id][action_id]["value"] or "").strip()
+        channel, thread_ts = str(where["channel"]), str(where["thread_ts"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (text and channel and thread_ts and user.get("id")):
+        return None
+    return Question(event_id=f"view:{view.get('id', '')}", kind="shortcut", channel=channel, user=str(user["id"]),
+                    team=str(user.get("team_id") or ""), text=clean_text(text), ts=f"{now:.6f}",
+                    thread_ts=thread_ts, in_thread=True)
+
+
+def choose_images(files: tuple[dict, ...], *, max_count: int, max_bytes: int) -> tuple[list[dict], list[str]]:
+    """Which attached files go to the model as images (PNG/JPEG/GIF/WebP within the caps), and
+    the names of the others, which the answer mentions it skipped."""
+    images, skipped = [], []
+    for f in files:
+        name = str(f.get("name") or f.get("title") or f.get("id") or "a file")
+        url = f.get("url_private_download") or f.get("url_private")
+        fits = isinstance(f.get("size"), int) and 0 < f["size"] <= max_bytes
+        if f.get("mimetype") in IMAGE_TYPES and url and fits and len(images) < max_count:
+            images.append(f)
+        else:
+            skipped.append(name)
+    return images, skipped
+
+
+def with_images(messages: list[dict], images: list[tuple[str, bytes]]) -> list[dict]:
+    """``messages`` with ``images`` (content type, bytes) added to the question, the last turn,
+    as OpenAI-style ``image_url`` parts the gateway hands to Claude."""
+    if not images:
+        return messages
+    import base64
+
+    last = messages[-1]
+    parts: list[dict] = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) \
+        else list(last["content"])
+    for kind, data in images:
+        parts.append({"type": "image_url",
+                      "image_url": {"url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}})
+    return [*messages[:-1], {**last, "content": parts}]
+
+
+def skipped_files_note(skipped: list[str], unreadable: list[str]) -> str:
+    notes = []
+    if skipped:
+        notes.append("I can read images only (PNG, JPEG, GIF, WebP, within size limits), so I skipped "
+                     + ", ".join(f"`{n}`" for n in skipped) + ".")
+    if unreadable:
+        notes.append("I couldn't open " + ", ".join(f"`{n}`" for n in unreadable) + ".")
+    return ("\n\n_" + " ".join(notes) + "_") if notes else ""
+
+
+def home_view(sections: list[Section], config: Config) -> dict:
+    """The Home tab: what the bot is for, how to ask, which documents it knows, how to report a
+    bad answer, and the limits each person has (limits, not usage: one replica cannot know a
+    person's usage across replicas). At most 100 blocks, 3,000 characters each."""
+    def text(markdown: str) -> dict:
+        return {"type": "section", "text": {"type": "mrkdwn", "text": markdown[:3000]}}
+
+    documents: dict[str, list[str]] = {}
+    for section in sections:
+        documents.setdefault(section.source, []).append(section.heading.split(" > ")[-1] if section.heading else "")
+    c = config
+    limits = [f"• {c.ledger_bot_user_rate_limit} questions per {_duration(c.ledger_bot_user_rate_window_seconds)}"
+              if c.ledger_bot_user_rate_limit else "• no per-person question limit",
+              f"• a daily LLM budget of ${c.ledger_bot_user_daily_budget_usd:.2f} per person"
+              if c.ledger_bot_user_daily_budget_usd else "• no per-person daily budget"]
+    blocks: list[dict] = [
+        {"type": "header", "text": {"type": "plain_text", "text": "ledger-bot"}},
+        text("I answer questions about *GL Publisher* and the *Oracle General Ledger* for the BOR Write team, "
+             "from the team's documents, and cite the documents I used."),
+        text("*How to ask*\n• @mention me in a channel: I answer in the thread, reading the thread first.\n"
+             "• Send me a direct message, or open me in the AI pane.\n"
+             "• On any message: *More actions → Ask ledger-bot about this thread*.\n"
+             "• Paste a screenshot of an error with your question: I can read images."),
+        text("*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's ref), and tell "
+             "the BOR Write team in #bor-write-eng with the `lb-…` ref."),
+        text("*Your limits*\n" + "\n".join(limits)),
+        {"type": "divider"},
+        text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
+    ]
+    for source, headings in documents.items():
+        if len(blocks) >= 99:
+            blocks.append(text(f"…and {len(documents) - (len(blocks) - 7)} more files."))
+            break
+        listed = ", ".join(h for h in headings if h) or "(no headings)"
+        blocks.append(text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}"))
+    return {"type": "home", "blocks": blocks[:100]}
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2393,6 +2581,7 @@ class Answerer:
                                             max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
             kb = self.knowledge.current()
             messages, choice = build_prompt(c, kb, q, thread, self.me, token_counter(c))
+            messages, files_note = self._attach_images(q, messages)
             log_event(logging.DEBUG, "knowledge_chosen", ref=job.ref, whole=choice.whole, sections=list(choice.labels))
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
             text = AnswerText()
@@ -2408,7 +2597,7 @@ class Answerer:
                 stream.close()  # after Stop or a failure: the gateway stops generating
             rest, labels = text.end()
             cited = cited_sections(choice, labels)
-            reply.finish(rest, cited)
+            reply.finish(rest + files_note, cited)
             if reply.stopped:
                 raise StoppedByUser()
             if c.ledger_bot_follow_ups and q.in_thread:
@@ -2433,6 +2622,27 @@ class Answerer:
         self.limits.settle(admitted, cost)
         self._record(job, outcome, detail, usage, cost, choice, cited)
         return outcome
+
+    def _attach_images(self, q: Question, messages: list[dict]) -> tuple[list[dict], str]:
+        """Screenshots attached to the question, downloaded with the bot token and added to it
+        (at most LEDGER_BOT_IMAGE_MAX_COUNT of LEDGER_BOT_IMAGE_MAX_BYTES each, so memory stays
+        bounded); a file that is not an image, or cannot be fetched, is named in a note and
+        never fails the answer."""
+        c = self.config
+        if not q.files:
+            return messages, ""
+        chosen, skipped = choose_images(q.files, max_count=c.ledger_bot_image_max_count,
+                                        max_bytes=c.ledger_bot_image_max_bytes)
+        loaded, unreadable = [], []
+        for f in chosen:
+            try:
+                data, kind = self.api.download(str(f.get("url_private_download") or f.get("url_private")),
+                                               max_bytes=c.ledger_bot_image_max_bytes)
+                loaded.append((kind if kind in IMAGE_TYPES else str(f["mimetype"]), data))
+            except SlackError as e:
+                unreadable.append(str(f.get("name") or f.get("id")))
+                log_event(logging.WARNING, "file_unreadable", file=f.get("id"), error=e.code)
+        return with_images(messages, loaded), skipped_files_note(skipped, unreadable)
 
     def _estimate(self, usage: Usage, messages: list[dict], text: str) -> None:
         """A cut answer's tokens, counted here because the gateway never reported them: the
@@ -2567,8 +2777,12 @@ class Notifier:
 
 class Dispatcher:
     """Decides what to do with one acked envelope: ignore, drop as duplicate, refuse (not
-    allowed, busy), record a feedback vote, or queue the question for a worker. Runs on
-    slack_sdk's listener pool: it never calls Slack itself (notices go to the Notifier).
+    allowed, busy), record a feedback vote, open the thread-question modal, set up an AI-pane
+    thread, publish the Home tab, or queue the question for a worker. Runs on slack_sdk's
+    listener pool: it never calls Slack itself (every call goes to the Notifier).
+
+    Questions come in by four doors, all meeting ``_take``: @mentions, DMs (and AI-pane
+    threads, which are DMs), follow-ups in the bot's threads, and the message shortcut.
 
     Allow-lists: LEDGER_BOT_ALLOWED_CHANNELS governs channels; DMs are governed by
     LEDGER_BOT_ALLOWED_USERS alone (a DM has no channel anyone could allow-list).
@@ -2586,11 +2800,24 @@ class Dispatcher:
         self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
         self.votes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._votes_lock = threading.Lock()
+        # AI-pane threads -> the channel the person is looking at; which ones have a title.
+        self.assistant_threads: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.titled = SeenSet(ttl_seconds=7 * 24 * 3600)
 
     def dispatch(self, envelope_type: str, payload: dict, received: float, *, envelope_id: str = "",
                  retry_attempt: int | None = None) -> None:
-        if envelope_type == "interactive" and payload.get("type") == "block_actions":
-            self._on_block_actions(payload)
+        """Route one acked envelope; see the class docstring. Every envelope type the bot
+        handles is named here, and nowhere else."""
+        if envelope_type == "interactive":
+            kind = payload.get("type")
+            if kind == "block_actions":
+                self._on_block_actions(payload)
+            elif kind == "message_action" and payload.get("callback_id") == SHORTCUT_CALLBACK:
+                self._on_shortcut(payload)
+            elif kind == "view_submission" and (payload.get("view") or {}).get("callback_id") == MODAL_CALLBACK:
+                self._on_modal(payload, received)
+            else:
+                self.metrics.events.labels(type="other", outcome="ignored").inc()
             return
         if envelope_type != "events_api":
             self.metrics.events.labels(type="other", outcome="ignored").inc()
@@ -2598,6 +2825,12 @@ class Dispatcher:
             return
         raw_event = payload.get("event") or {}
         event_type = str(raw_event.get("type") or "unknown")
+        if event_type in ("assistant_thread_started", "assistant_thread_context_changed"):
+            self._on_assistant_thread(event_type, raw_event)
+            return
+        if event_type == "app_home_opened":
+            self._on_home_opened(raw_event)
+            return
         metric_type = event_type if event_type in ("app_mention", "message") else "other"
         event_id = str(payload.get("event_id") or "")
         try:
@@ -2615,13 +2848,22 @@ class Dispatcher:
         # One answer per event (Slack redelivers) and per message (a mention can also arrive as
         # a `message` event). An event without an id is known by its envelope and message.
         keys = [f"msg:{verdict.channel}:{verdict.ts}", f"event:{event_id}" if event_id else f"envelope:{envelope_id}"]
+        if self._take(verdict, received, metric_type, keys, retry_attempt) and verdict.kind == "dm" \
+                and verdict.in_thread:
+            self._title_assistant_thread(verdict)
+
+    def _take(self, q: Question, received: float, metric_type: str, keys: list[str],
+              retry_attempt: int | None = None) -> bool:
+        """The policy every question meets, whatever door it came in by: once only, allow-lists,
+        then the queue (or "busy"). Limits and budgets are the worker's (one admit, after a
+        successful submit). True if queued."""
         if not self.seen.add(*keys):
             self.metrics.events.labels(type=metric_type, outcome="duplicate").inc()
-            log_event(logging.INFO, "event_duplicate", event_id=event_id, channel=verdict.channel,
+            log_event(logging.INFO, "event_duplicate", event_id=q.event_id, channel=q.channel,
                       retry_attempt=retry_attempt)
-            return
-        job = Job(verdict, received)
-        refusal = self._not_allowed(verdict)
+            return False
+        job = Job(q, received)
+        refusal = self._not_allowed(q)
         if refusal is None and not self.pool.submit(job):
             refusal = Refusal("busy")
         if refusal is not None:
@@ -2629,11 +2871,82 @@ class Dispatcher:
             job.settle()
             self.notifier.submit(lambda: self.answerer.refuse(job, refusal.outcome, refusal.notice,
                                                               post=refusal.notice != ""))
-            return
+            return False
         self.metrics.events.labels(type=metric_type, outcome="accepted").inc()
-        log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=event_id, channel=verdict.channel,
-                  user=verdict.user, kind=verdict.kind, retry_attempt=retry_attempt)
-        log_event(logging.DEBUG, "question_text", ref=job.ref, text=verdict.text)
+        log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=q.event_id, channel=q.channel,
+                  user=q.user, kind=q.kind, retry_attempt=retry_attempt)
+        log_event(logging.DEBUG, "question_text", ref=job.ref, text=q.text)
+        return True
+
+    # -- the AI pane, the shortcut, the Home tab ------------------------------------------------
+
+    def _on_assistant_thread(self, event_type: str, event: dict) -> None:
+        """A person opened a thread in the AI pane (suggested prompts), or changed the channel
+        they are looking at (remembered for the thread)."""
+        thread = event.get("assistant_thread") or {}
+        channel, thread_ts = str(thread.get("channel_id") or ""), str(thread.get("thread_ts") or "")
+        if not (channel and thread_ts):
+            self.metrics.events.labels(type="assistant", outcome="rejected").inc()
+            return
+        self.metrics.events.labels(type="assistant", outcome="accepted").inc()
+        context = thread.get("context") or {}
+        self.assistant_threads[f"{channel}:{thread_ts}"] = str(context.get("channel_id") or "")
+        while len(self.assistant_threads) > 20_000:
+            self.assistant_threads.popitem(last=False)
+        log_event(logging.DEBUG, "assistant_thread", change=event_type, channel=channel,
+                  viewing=context.get("channel_id"))
+        if event_type == "assistant_thread_started":
+            prompts = self.config.suggested_prompts
+            self.notifier.submit(lambda: self._quietly(self.answerer.api.set_suggested_prompts, channel=channel,
+                                                       thread_ts=thread_ts, prompts=prompts))
+
+    def _title_assistant_thread(self, q: Question) -> None:
+        """The first question in an AI-pane thread names the thread."""
+        key = f"{q.channel}:{q.thread_ts}"
+        if key in self.assistant_threads and self.titled.add(key):
+            title = thread_title(q.text, self.me)
+            self.notifier.submit(lambda: self._quietly(self.answerer.api.set_title, channel=q.channel,
+                                                       thread_ts=q.thread_ts, title=title))
+
+    def _on_shortcut(self, payload: dict) -> None:
+        """"Ask ledger-bot about this thread" on a message: open the question modal."""
+        message = payload.get("message") or {}
+        channel = str((payload.get("channel") or {}).get("id") or "")
+        thread_ts = str(message.get("thread_ts") or message.get("ts") or "")
+        trigger = str(payload.get("trigger_id") or "")
+        if not (channel and thread_ts and trigger):
+            self.metrics.events.labels(type="shortcut", outcome="rejected").inc()
+            return
+        self.metrics.events.labels(type="shortcut", outcome="accepted").inc()
+        view = ask_modal(channel=channel, thread_ts=thread_ts)
+        self.notifier.submit(lambda: self._quietly(self.answerer.api.open_view, trigger_id=trigger, view=view))
+
+    def _on_modal(self, payload: dict, received: float) -> None:
+        """The modal was submitted: a question about that thread, answered in it."""
+        view = payload.get("view") or {}
+        q = shortcut_question(view, payload.get("user") or {}, now=time.time())
+        if q is None:
+            self.metrics.events.labels(type="shortcut", outcome="rejected").inc()
+            log_event(logging.WARNING, "event_rejected", reason="malformed modal submission")
+            return
+        self._take(q, received, "shortcut", [f"view:{view.get('id') or q.ts}"])
+
+    def _on_home_opened(self, event: dict) -> None:
+        user = str(event.get("user") or "")
+        if event.get("tab") != "home" or not user:
+            self.metrics.events.labels(type="app_home", outcome="ignored").inc()
+            return
+        self.metrics.events.labels(type="app_home", outcome="accepted").inc()
+        view = home_view(self.answerer.knowledge.current().sections, self.config)
+        self.notifier.submit(lambda: self._quietly(self.answerer.api.publish_home, user=user, view=view))
+
+    @staticmethod
+    def _quietly(call: Callable[..., Any], **kwargs: Any) -> None:
+        """Make a Slack call whose failure only needs a log line (prompts, titles, views)."""
+        try:
+            call(**kwargs)
+        except SlackError as e:
+            log_event(logging.WARNING, "slack_call_failed", method=e.method, error=e.code)
 
     def _not_allowed(self, q: Question) -> Refusal | None:
         """A refusal if an allow-list excludes this question (the notice once a day per channel,

@@ -183,6 +183,9 @@ class FakeSocketMode:
         return self.send({"type": "events_api", "payload": payload, "accepts_response_payload": False,
                           "retry_attempt": retry_attempt, "retry_reason": "timeout" if retry_attempt else ""})
 
+    def send_interactive(self, payload: dict) -> str:
+        return self.send({"type": "interactive", "payload": payload, "accepts_response_payload": True})
+
     def send_block_action(self, payload: dict) -> str:
         return self.send({"type": "interactive", "payload": payload, "accepts_response_payload": False})
 
@@ -217,6 +220,8 @@ class Call:
 SLACK_TIERS = {
     "chat.startStream": 20, "chat.stopStream": 20, "chat.appendStream": 100, "chat.update": 50,
     "conversations.replies": 50, "chat.postEphemeral": 100, "assistant.threads.setStatus": 50,
+    "assistant.threads.setSuggestedPrompts": 100, "assistant.threads.setTitle": 100, "views.open": 100,
+    "views.publish": 100,
 }
 REVOKED_ERRORS = {"apps.connections.open": "invalid_auth"}
 
@@ -250,6 +255,12 @@ class FakeSlack:
         self.revoked = False
         self._window: dict[str, list[float]] = {}
         self._delays: dict[str, float] = {}
+        self.triggers: dict[str, float] = {}  # trigger_id -> when issued (valid for 3 s, once)
+        self.views: dict[str, dict] = {}  # user -> published Home view; "modal:<id>" -> opened modals
+        self.suggested: dict[str, list[dict]] = {}  # "channel:thread_ts" -> prompts
+        self.titles: dict[str, str] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}  # file id -> (content type, bytes)
+        server.expect_request(re.compile(r"^/files/[\w.-]+/[^/]+$")).respond_with_handler(self._file)
         server.expect_request(re.compile(r"^/api/[\w.]+$")).respond_with_handler(self._dispatch)
 
     @property
@@ -262,6 +273,30 @@ class FakeSlack:
              headers: dict | None = None) -> None:
         with self._lock:
             self._failures.setdefault(method, []).extend([(error, status, headers or {})] * times)
+
+    def new_trigger(self) -> str:
+        trigger = f"{next(self._clock)}.{uuid.uuid4().hex[:8]}"
+        self.triggers[trigger] = time.monotonic()
+        return trigger
+
+    def add_file(self, name: str, content_type: str, data: bytes) -> dict:
+        """A file a person uploads; returns the file object Slack puts in the message event."""
+        file_id = f"F{uuid.uuid4().hex[:8].upper()}"
+        self.files[file_id] = (content_type, data)
+        url = self.server.url_for(f"/files/{file_id}/{name}")
+        return {"id": file_id, "name": name, "title": name, "mimetype": content_type, "filetype": name.rsplit(".")[-1],
+                "size": len(data), "url_private": url, "url_private_download": url + "?download=1"}
+
+    def _file(self, request: Request) -> Response:
+        """files.slack.com: the bytes with a valid bot token, else Slack's login page (HTML)."""
+        file_id = request.path.split("/")[2]
+        token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        with self._lock:
+            self.calls.append(Call("files.download", {"file": file_id}, token))
+        if not token.startswith("xoxb-") or self.revoked or file_id not in self.files:
+            return Response("<!DOCTYPE html><html><body>Sign in to Slack</body></html>", mimetype="text/html")
+        content_type, data = self.files[file_id]
+        return Response(data, mimetype=content_type)
 
     def delay(self, method: str, seconds: float) -> None:
         """Make every call of ``method`` take ``seconds`` (a slow Slack)."""
@@ -452,6 +487,47 @@ class FakeSlack:
     def _m_assistant_threads_setStatus(self, p: dict) -> dict:
         if not self.status_supported:
             return {"ok": False, "error": "not_allowed_token_type"}
+        return {"ok": True}
+
+    def _m_assistant_threads_setSuggestedPrompts(self, p: dict) -> dict:
+        prompts = p.get("prompts") or []
+        if not (0 < len(prompts) <= 4 and all(x.get("title") and x.get("message") for x in prompts)):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.suggested[f"{p['channel_id']}:{p['thread_ts']}"] = prompts
+        return {"ok": True}
+
+    def _m_assistant_threads_setTitle(self, p: dict) -> dict:
+        if not p.get("title"):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.titles[f"{p['channel_id']}:{p['thread_ts']}"] = p["title"]
+        return {"ok": True}
+
+    @staticmethod
+    def _view_ok(view: dict, kind: str) -> bool:
+        blocks = view.get("blocks") or []
+        texts = [b.get("text", {}).get("text", "") for b in blocks if isinstance(b.get("text"), dict)]
+        title = (view.get("title") or {}).get("text", "")
+        return (view.get("type") == kind and 0 < len(blocks) <= 100 and all(len(t) <= 3000 for t in texts)
+                and len(title) <= 24)
+
+    def _m_views_open(self, p: dict) -> dict:
+        view = p.get("view") if isinstance(p.get("view"), dict) else json.loads(p.get("view") or "{}")
+        issued = self.triggers.pop(p.get("trigger_id") or "", None)
+        if issued is None:
+            return {"ok": False, "error": "invalid_trigger_id"}
+        if time.monotonic() - issued > 3:
+            return {"ok": False, "error": "expired_trigger_id"}
+        if not self._view_ok(view, "modal"):
+            return {"ok": False, "error": "invalid_arguments"}
+        view_id = f"V{uuid.uuid4().hex[:8].upper()}"
+        self.views[f"modal:{view_id}"] = {**view, "id": view_id}
+        return {"ok": True, "view": {**view, "id": view_id}}
+
+    def _m_views_publish(self, p: dict) -> dict:
+        view = p.get("view") if isinstance(p.get("view"), dict) else json.loads(p.get("view") or "{}")
+        if not p.get("user_id") or not self._view_ok(view, "home"):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.views[p["user_id"]] = view
         return {"ok": True}
 
     def _stream_text(self, p: dict) -> str:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import msgspec
+import pytest
 import yaml
 
 import ledger_bot as lb
@@ -16,22 +17,31 @@ ENV_VARS = {f.name.upper() for f in msgspec.structs.fields(lb.Config)}
 SOURCE = (ROOT / "ledger_bot.py").read_text(encoding="utf-8")
 
 # Slack Web API methods -> the bot scopes they need (docs.slack.dev/reference/methods/...).
-# assistant.threads.setStatus accepts chat:write (assistant:write is only needed for the
-# assistant side panel); conversations.replies needs the history scope of the conversation type.
+# assistant.threads.setStatus accepts chat:write; conversations.replies needs the history scope
+# of the conversation type; file downloads need files:read; a message shortcut needs commands.
 SCOPES_FOR_METHOD = {
-    "auth_test": set(),
-    "apps_connections_open": set(),  # app-level token, connections:write
-    "chat_postMessage": {"chat:write"},
-    "chat_update": {"chat:write"},
-    "chat_postEphemeral": {"chat:write"},
-    "chat_startStream": {"chat:write"},
-    "chat_appendStream": {"chat:write"},
-    "chat_stopStream": {"chat:write"},
-    "assistant_threads_setStatus": {"chat:write"},
-    "conversations_replies": {"channels:history", "groups:history", "im:history"},
+    "auth.test": set(),
+    "apps.connections.open": set(),  # app-level token, connections:write
+    "chat.postMessage": {"chat:write"},
+    "chat.update": {"chat:write"},
+    "chat.postEphemeral": {"chat:write"},
+    "chat.startStream": {"chat:write"},
+    "chat.appendStream": {"chat:write"},
+    "chat.stopStream": {"chat:write"},
+    "assistant.threads.setStatus": {"chat:write"},
+    "assistant.threads.setSuggestedPrompts": {"assistant:write"},
+    "assistant.threads.setTitle": {"assistant:write"},
+    "conversations.replies": {"channels:history", "groups:history", "im:history"},
+    "views.open": set(),
+    "views.publish": set(),
+    "files": {"files:read"},  # SlackApi.download: url_private with the bot token
 }
 EVENTS_HANDLED = {"app_mention": {"app_mentions:read"}, "message.im": {"im:history"},
-                  "message.channels": {"channels:history"}, "message.groups": {"groups:history"}}
+                  "assistant_thread_started": {"assistant:write"},
+                  "assistant_thread_context_changed": {"assistant:write"}, "app_home_opened": set()}
+FOLLOW_UP_EVENTS = {"message.channels": {"channels:history"}, "message.groups": {"groups:history"}}
+MANIFESTS = {"slack-app-manifest.yaml": EVENTS_HANDLED,
+             "slack-app-manifest.follow-ups.yaml": {**EVENTS_HANDLED, **FOLLOW_UP_EVENTS}}
 
 
 def test_readme_configuration_table_lists_exactly_the_config_variables():
@@ -58,16 +68,21 @@ def test_defaults_in_readme_match_the_code():
         assert float(row.group(1)) == float(field.default), field.name
 
 
-def test_manifest_declares_exactly_the_scopes_and_events_the_code_uses():
-    manifest = yaml.safe_load((ROOT / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
-    called = set(re.findall(r"\bweb\.(\w+)\(", SOURCE)) | {"apps_connections_open"}  # via SocketModeClient
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_declares_exactly_the_scopes_and_events_the_code_uses(name):
+    manifest = yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+    called = set(re.findall(r'\bself\.call\("([\w.]+)"', SOURCE)) | {"apps.connections.open", "files"}
     assert called <= SCOPES_FOR_METHOD.keys(), called - SCOPES_FOR_METHOD.keys()
-    events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
-    assert events == set(EVENTS_HANDLED)
-    needed = set().union(*(SCOPES_FOR_METHOD[m] for m in called), *EVENTS_HANDLED.values())
+    assert {"views.publish", "assistant.threads.setTitle", "chat.appendStream"} <= called  # the regex still reads
+    events = MANIFESTS[name]
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == set(events)
+    needed = set().union(*(SCOPES_FOR_METHOD[m] for m in called), *events.values()) | {"commands"}
     assert set(manifest["oauth_config"]["scopes"]["bot"]) == needed
     assert manifest["settings"]["socket_mode_enabled"] is True
-    assert manifest["settings"]["interactivity"]["is_enabled"] is True  # feedback buttons
+    assert manifest["settings"]["interactivity"]["is_enabled"] is True  # feedback, shortcut, modal
+    assert manifest["features"]["app_home"]["home_tab_enabled"] is True
+    assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [lb.SHORTCUT_CALLBACK]
+    assert manifest["features"]["assistant_view"]["assistant_description"]
 
 
 def test_ci_runs_exactly_the_readme_test_command():
