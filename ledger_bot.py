@@ -665,9 +665,59 @@ class SlackAuthFailed(SlackError):
     """Slack refused a token (revoked, invalid, account inactive): no retry can help."""
 
 
+class PooledWebClient(WebClient):
+    """slack_sdk's WebClient, reusing connections: each thread keeps one open connection per
+    host (keep-alive) instead of a new TCP and TLS handshake for every call. Everything above
+    the socket is slack_sdk's own: retry handlers, HTTPError for 4xx/5xx, SlackApiError.
+    Behind a proxy it falls back to slack_sdk's urllib path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()
+        self._ssl = self.ssl or __import__("ssl").create_default_context()  # honours SSL_CERT_FILE
+
+    def _perform_urllib_http_request_internal(self, url: str, req: Any) -> dict[str, Any]:
+        if self.proxy is not None:
+            return super()._perform_urllib_http_request_internal(url, req)
+        import http.client
+        import io
+        import urllib.error
+
+        parts = urllib.parse.urlsplit(url)
+        conn = self._connection(parts.scheme, parts.netloc)
+        try:
+            conn.request(req.get_method(), parts.path + (f"?{parts.query}" if parts.query else ""), body=req.data,
+                         headers=dict(req.header_items()))
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise urllib.error.URLError(e) from e  # what slack_sdk's ConnectionErrorRetryHandler expects
+        if resp.status >= 400:
+            raise urllib.error.HTTPError(url, resp.status, resp.reason, resp.headers, io.BytesIO(body))
+        return {"status": resp.status, "headers": resp.headers,
+                "body": body.decode(resp.headers.get_content_charset() or "utf-8")}
+
+    def _connection(self, scheme: str, netloc: str) -> Any:
+        """This thread's open connection to ``netloc``; a fresh one if the server closed it."""
+        import http.client
+        import select
+
+        pool: dict[str, Any] = self._local.__dict__.setdefault("pool", {})
+        conn = pool.get(netloc)
+        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+            conn.close()  # readable while idle: the server hung up (or said something unasked)
+        if conn is None:
+            conn = (http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl) if scheme == "https"
+                    else http.client.HTTPConnection(netloc, timeout=self.timeout))
+            pool[netloc] = conn
+        return conn
+
+
 def make_web_client(config: Config, token: str | None = None) -> WebClient:
-    """A WebClient that retries connection errors and 5xx; 429s are SlackApi's to handle."""
-    return WebClient(
+    """A WebClient that keeps connections open and retries connection errors and 5xx; 429s
+    are SlackApi's to handle."""
+    return PooledWebClient(
         token=token or config.slack_bot_token,
         base_url=config.slack_api_url,
         timeout=15,
@@ -1734,6 +1784,7 @@ def classify_llm_error(exc: BaseException) -> LLMFailure:
     """Map a litellm/openai exception (raised by the call, or by the stream as an SSE error
     event) to an outcome kind. The exception's text never reaches a person; ``detail`` is for
     the log only (and redacted there)."""
+    import httpx2
     import openai
 
     lm = _litellm()
@@ -1746,7 +1797,7 @@ def classify_llm_error(exc: BaseException) -> LLMFailure:
         kind = "content_policy"
     elif status in (401, 403) or isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         kind = "gateway_auth_error"
-    elif isinstance(exc, (openai.APITimeoutError, TimeoutError)) or status == 408 or "timed out" in text:
+    elif isinstance(exc, (openai.APITimeoutError, TimeoutError, httpx2.TimeoutException)) or status == 408:
         kind = "timeout"
     elif status == 429 or isinstance(exc, openai.RateLimitError):
         kind = "rate_limited"
@@ -1822,16 +1873,16 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage, *, cli
             time.sleep(delay)
     raw = getattr(response, "completion_stream", None) or response
     try:
-        for chunk in raw:
+        for chunk in _sse_chunks(raw):
             if time.monotonic() > answer_by:
                 raise LLMFailure("timeout", f"answer exceeded {config.ledger_bot_answer_max_seconds}s")
-            if chunk.choices:
-                text = chunk.choices[0].delta.content
+            choices = chunk.get("choices") or []
+            if choices:
+                text = (choices[0].get("delta") or {}).get("content")
                 if text:
                     yield text
-            chunk_usage = getattr(chunk, "usage", None)
-            if chunk_usage:
-                _read_usage(chunk_usage, usage)
+            if chunk.get("usage"):
+                _read_usage(chunk["usage"], usage)
     except LLMFailure:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -1843,13 +1894,48 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage, *, cli
                 close()
 
 
-def _read_usage(reported: Any, usage: Usage) -> None:
-    usage.prompt_tokens = reported.prompt_tokens or usage.prompt_tokens
-    usage.completion_tokens = reported.completion_tokens or usage.completion_tokens
-    details = getattr(reported, "prompt_tokens_details", None)
-    usage.cached_tokens = (getattr(details, "cached_tokens", None) or getattr(reported, "cache_read_input_tokens", None)
+class StreamedError(Exception):
+    """An error event inside the gateway's SSE stream (the proxy's mid-stream failure), with
+    the status its ``code`` names, so it classifies like the same error before the stream."""
+
+    def __init__(self, body: dict):
+        super().__init__(str(body.get("message") or "error event in the stream"))
+        self.body = body
+        code = body.get("code")
+        self.status_code = int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
+
+
+def _sse_chunks(raw: Any) -> Iterator[dict]:
+    """The stream's chunks as plain dicts, read from the HTTP response itself: reading on past
+    ``[DONE]`` to the end of the body lets the connection go back to the pool (the openai
+    client's own iterator stops at ``[DONE]`` and closes it), and skips building a pydantic
+    object per chunk. An error event raises StreamedError."""
+    response = getattr(raw, "response", None)
+    if response is None or not hasattr(response, "iter_lines"):
+        for chunk in raw:  # another client shape: its own objects, as dicts
+            yield chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
+        return
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if isinstance(chunk, dict) and chunk.get("error"):
+            error = chunk["error"]
+            raise StreamedError(error if isinstance(error, dict) else {"message": str(error)})
+        if isinstance(chunk, dict):
+            yield chunk
+
+
+def _read_usage(reported: dict, usage: Usage) -> None:
+    usage.prompt_tokens = reported.get("prompt_tokens") or usage.prompt_tokens
+    usage.completion_tokens = reported.get("completion_tokens") or usage.completion_tokens
+    details = reported.get("prompt_tokens_details") or {}
+    usage.cached_tokens = (details.get("cached_tokens") or reported.get("cache_read_input_tokens")
                            or usage.cached_tokens)
-    usage.cache_creation_tokens = getattr(reported, "cache_creation_input_tokens", None) or usage.cache_creation_tokens
+    usage.cache_creation_tokens = reported.get("cache_creation_input_tokens") or usage.cache_creation_tokens
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
