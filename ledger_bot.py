@@ -68,14 +68,18 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any
 
 import msgspec
 import prometheus_client
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
-from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, ServerErrorRetryHandler
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    ServerErrorRetryHandler,
+)
 from slack_sdk.socket_mode.builtin.client import SocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
 
@@ -92,10 +96,12 @@ SECRET_ENV_VARS = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY"
 EXIT_CONFIG = 2
 EXIT_SLACK_AUTH = 1
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge"
-DEFAULT_PROMPTS = ("Why did my journal import reject rows in GL_INTERFACE?",
-                   "How does GL Publisher post journals to the Oracle General Ledger?",
-                   "What does a period status of 'Future Enterable' allow?",
-                   "How do I trace a GL balance back to its journal lines?")
+DEFAULT_PROMPTS = (
+    "Why did my journal import reject rows in GL_INTERFACE?",
+    "How does GL Publisher post journals to the Oracle General Ledger?",
+    "What does a period status of 'Future Enterable' allow?",
+    "How do I trace a GL balance back to its journal lines?",
+)
 
 
 def _setting(description: str, **constraints: Any) -> msgspec.Meta:
@@ -115,23 +121,38 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     problems at once; it never echoes a value, because a malformed secret is still a secret.
     """
 
-    slack_bot_token: Annotated[str, _setting("a Slack bot token starting with 'xoxb-'", pattern=r"^xoxb-\S+$")]
-    slack_app_token: Annotated[str, _setting("a Slack app-level token starting with 'xapp-'",
-                                             pattern=r"^xapp-\S+$")]
-    litellm_developer_key: Annotated[str, _setting("the LiteLLM gateway key (non-empty, no spaces)",
-                                                   pattern=r"^\S+$")]
-    litellm_base_url: Annotated[str, _setting("an http(s) URL of the gateway, e.g. https://llm.example.com/api/v2",
-                                              pattern=r"^https?://[^\s/]+")]
+    slack_bot_token: Annotated[
+        str, _setting("a Slack bot token starting with 'xoxb-'", pattern=r"^xoxb-\S+$")
+    ]
+    slack_app_token: Annotated[
+        str, _setting("a Slack app-level token starting with 'xapp-'", pattern=r"^xapp-\S+$")
+    ]
+    litellm_developer_key: Annotated[
+        str, _setting("the LiteLLM gateway key (non-empty, no spaces)", pattern=r"^\S+$")
+    ]
+    litellm_base_url: Annotated[
+        str,
+        _setting(
+            "an http(s) URL of the gateway, e.g. https://llm.example.com/api/v2",
+            pattern=r"^https?://[^\s/]+",
+        ),
+    ]
     ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = (
-        "bedrock-claude-4.5-sonnet")
-    ledger_bot_environment: Annotated[str, _setting("a short name such as staging or production",
-                                                    pattern=r"^[a-z0-9-]{1,32}$")] = "local"
-    slack_api_url: Annotated[str, _setting("an http(s) URL ending in /", pattern=r"^https?://\S+/$")] = (
-        "https://slack.com/api/")
+        "bedrock-claude-4.5-sonnet"
+    )
+    ledger_bot_environment: Annotated[
+        str, _setting("a short name such as staging or production", pattern=r"^[a-z0-9-]{1,32}$")
+    ] = "local"
+    slack_api_url: Annotated[
+        str, _setting("an http(s) URL ending in /", pattern=r"^https?://\S+/$")
+    ] = "https://slack.com/api/"
     health_port: Annotated[int, _setting("a TCP port 0-65535", ge=0, le=65535)] = 8080
-    log_level: Annotated[str, _setting("one of DEBUG, INFO, WARNING, ERROR",
-                                       pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
-    log_format: Annotated[str, _setting("one of auto, json, text", pattern=r"^(auto|json|text)$")] = "auto"
+    log_level: Annotated[
+        str, _setting("one of DEBUG, INFO, WARNING, ERROR", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    ] = "INFO"
+    log_format: Annotated[
+        str, _setting("one of auto, json, text", pattern=r"^(auto|json|text)$")
+    ] = "auto"
     ledger_bot_llm_timeout_seconds: Seconds = 60.0
     ledger_bot_llm_max_retries: Annotated[int, _setting("a whole number 0-5", ge=0, le=5)] = 1
     ledger_bot_llm_retry_after_max_seconds: Annotated[float, _setting("seconds >= 0", ge=0)] = 5.0
@@ -140,34 +161,57 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ledger_bot_queue_size: Count = 64
     ledger_bot_shutdown_grace_seconds: Seconds | None = None
     ledger_bot_history_max_messages: Count = 40
-    ledger_bot_history_max_chars: Annotated[int, _setting("a whole number >= 1000", ge=1000)] = 40_000
+    ledger_bot_history_max_chars: Annotated[int, _setting("a whole number >= 1000", ge=1000)] = (
+        40_000
+    )
     ledger_bot_context_tokens: Annotated[int, _setting("a whole number >= 4096", ge=4096)] = 200_000
     ledger_bot_max_output_tokens: Annotated[int, _setting("a whole number >= 256", ge=256)] = 4096
-    ledger_bot_knowledge: Annotated[str, _setting("a readable .md/.txt file or a directory holding some")] = ""
-    ledger_bot_knowledge_share: Annotated[float, _setting("a fraction between 0.05 and 0.9",
-                                                          ge=0.05, le=0.9)] = 0.5
-    ledger_bot_knowledge_reload_seconds: Annotated[float, _setting("seconds >= 0 (0 = check on every question)",
-                                                                   ge=0)] = 10.0
+    ledger_bot_knowledge: Annotated[
+        str, _setting("a readable .md/.txt file or a directory holding some")
+    ] = ""
+    ledger_bot_knowledge_share: Annotated[
+        float, _setting("a fraction between 0.05 and 0.9", ge=0.05, le=0.9)
+    ] = 0.5
+    ledger_bot_knowledge_reload_seconds: Annotated[
+        float, _setting("seconds >= 0 (0 = check on every question)", ge=0)
+    ] = 10.0
     ledger_bot_streaming: Flag = True
     ledger_bot_stream_flush_chars: Count = 400
     ledger_bot_stream_flush_seconds: Seconds = 0.5
-    ledger_bot_slack_rate_share: Annotated[float, _setting("a fraction between 0.05 and 1", ge=0.05, le=1)] = 0.5
-    ledger_bot_slack_rate_limits: Annotated[tuple[str, ...], _setting(
-        "comma-separated method=calls_per_minute, e.g. chat.appendStream=100")] = ()
+    ledger_bot_slack_rate_share: Annotated[
+        float, _setting("a fraction between 0.05 and 1", ge=0.05, le=1)
+    ] = 0.5
+    ledger_bot_slack_rate_limits: Annotated[
+        tuple[str, ...],
+        _setting("comma-separated method=calls_per_minute, e.g. chat.appendStream=100"),
+    ] = ()
     ledger_bot_follow_ups: Flag = False
     ledger_bot_suggested_prompts: Annotated[str, _setting("prompts separated by |, at most 4")] = ""
-    ledger_bot_image_max_count: Annotated[int, _setting("a whole number 0-10 (0 = no images)", ge=0, le=10)] = 4
-    ledger_bot_image_max_bytes: Annotated[int, _setting("bytes between 1 and 20,000,000", ge=1,
-                                                        le=20_000_000)] = 5_000_000
-    ledger_bot_allowed_channels: Annotated[tuple[str, ...], _setting("comma-separated Slack channel ids")] = ()
-    ledger_bot_allowed_users: Annotated[tuple[str, ...], _setting("comma-separated Slack user ids")] = ()
+    ledger_bot_image_max_count: Annotated[
+        int, _setting("a whole number 0-10 (0 = no images)", ge=0, le=10)
+    ] = 4
+    ledger_bot_image_max_bytes: Annotated[
+        int, _setting("bytes between 1 and 20,000,000", ge=1, le=20_000_000)
+    ] = 5_000_000
+    ledger_bot_allowed_channels: Annotated[
+        tuple[str, ...], _setting("comma-separated Slack channel ids")
+    ] = ()
+    ledger_bot_allowed_users: Annotated[
+        tuple[str, ...], _setting("comma-separated Slack user ids")
+    ] = ()
     ledger_bot_feedback: Flag = True
-    ledger_bot_user_rate_limit: Annotated[int, _setting("a whole number >= 0 (0 = no limit)", ge=0)] = 10
+    ledger_bot_user_rate_limit: Annotated[
+        int, _setting("a whole number >= 0 (0 = no limit)", ge=0)
+    ] = 10
     ledger_bot_user_rate_window_seconds: Seconds = 60.0
     ledger_bot_daily_budget_usd: Dollars = 50.0
     ledger_bot_user_daily_budget_usd: Dollars = 5.0
-    ledger_bot_input_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 3.0
-    ledger_bot_output_cost_per_mtok: Annotated[float, _setting("dollars per million tokens >= 0", ge=0)] = 15.0
+    ledger_bot_input_cost_per_mtok: Annotated[
+        float, _setting("dollars per million tokens >= 0", ge=0)
+    ] = 3.0
+    ledger_bot_output_cost_per_mtok: Annotated[
+        float, _setting("dollars per million tokens >= 0", ge=0)
+    ] = 15.0
     ledger_bot_git_sha: str = "unknown"
 
     @property
@@ -223,14 +267,21 @@ def load_config(environ: dict[str, str] | os._Environ) -> Config:
             values[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError:
             problems.append(f"{name}: invalid, expected {_describe(field.type)}")
-    if "ledger_bot_knowledge" in values and not knowledge_files(Path(values["ledger_bot_knowledge"])):
-        problems.append(f"LEDGER_BOT_KNOWLEDGE: invalid, expected {_describe(_field_type('ledger_bot_knowledge'))}")
+    if "ledger_bot_knowledge" in values and not knowledge_files(
+        Path(values["ledger_bot_knowledge"])
+    ):
+        problems.append(
+            "LEDGER_BOT_KNOWLEDGE: invalid, expected "
+            + _describe(_field_type("ledger_bot_knowledge"))
+        )
     if "ledger_bot_slack_rate_limits" in values:
         try:
             parse_rate_overrides(values["ledger_bot_slack_rate_limits"])
         except ValueError:
-            problems.append("LEDGER_BOT_SLACK_RATE_LIMITS: invalid, expected "
-                            + _describe(_field_type("ledger_bot_slack_rate_limits")))
+            problems.append(
+                "LEDGER_BOT_SLACK_RATE_LIMITS: invalid, expected "
+                + _describe(_field_type("ledger_bot_slack_rate_limits"))
+            )
     if problems:
         raise ConfigError(problems)
     return Config(**values)
@@ -289,7 +340,9 @@ class Redactor:
 
     def add_secrets(self, *values: str) -> None:
         # Longest first, so a secret containing another is removed whole.
-        self._exact = tuple(sorted({v for v in (*self._exact, *values) if len(v) >= 4}, key=len, reverse=True))
+        self._exact = tuple(
+            sorted({v for v in (*self._exact, *values) if len(v) >= 4}, key=len, reverse=True)
+        )
 
     def __call__(self, text: str) -> str:
         for value in self._exact:
@@ -302,7 +355,9 @@ class Redactor:
         if isinstance(value, str):
             return self(clean_text(value))
         if isinstance(value, dict):
-            return {self.deep(k) if isinstance(k, str) else k: self.deep(v) for k, v in value.items()}
+            return {
+                self.deep(k) if isinstance(k, str) else k: self.deep(v) for k, v in value.items()
+            }
         if isinstance(value, (list, tuple)):
             return [self.deep(v) for v in value]
         if value is None or isinstance(value, (bool, int, float)):
@@ -331,7 +386,9 @@ def log_event(level: int, event: str, **fields: Any) -> None:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
@@ -351,7 +408,8 @@ class TextFormatter(logging.Formatter):
         fields = redact.deep(getattr(record, "fields", None) or {})
         extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         name = "" if record.name == log.name else f" [{record.name}]"
-        line = f"{stamp} {record.levelname:<7} {clean_text(record.getMessage())}{name} {extras}".rstrip()
+        message = clean_text(record.getMessage())
+        line = f"{stamp} {record.levelname:<7} {message}{name} {extras}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)
@@ -402,7 +460,9 @@ def _tame_litellm_logging() -> None:
         lg.handlers.clear()
         lg.propagate = True
         # litellm logs a line per call at INFO; only its warnings matter unless debugging.
-        lg.setLevel(logging.NOTSET if logging.getLogger().level <= logging.DEBUG else logging.WARNING)
+        lg.setLevel(
+            logging.NOTSET if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+        )
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -412,8 +472,34 @@ def _tame_litellm_logging() -> None:
 
 # Histogram bounds. The SLO thresholds in workloads/ (first text within 10 s, answer within
 # 45 s) are bounds here, so an SLO ratio reads an exact bucket instead of interpolating.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300)
-EVENT_TYPES = ("app_mention", "message", "block_actions", "assistant", "shortcut", "app_home", "other")
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    45,
+    60,
+    120,
+    300,
+)
+EVENT_TYPES = (
+    "app_mention",
+    "message",
+    "block_actions",
+    "assistant",
+    "shortcut",
+    "app_home",
+    "other",
+)
 EVENT_OUTCOMES = ("accepted", "ignored", "duplicate", "rejected")
 
 
@@ -425,34 +511,86 @@ class Metrics:
     def __init__(self, registry: prometheus_client.CollectorRegistry, outcomes: tuple[str, ...]):
         self.registry = registry
         c, g, h = prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram
-        r = {"registry": registry}
-        self.events = c("ledger_bot_events", "Socket Mode events received, by type and what the bot did with them",
-                        ["type", "outcome"], **r)
-        self.answers = c("ledger_bot_answers", "Questions handled, by outcome", ["outcome"], **r)
-        self.ack_latency = h("ledger_bot_ack_latency_seconds", "Envelope frame received -> ack sent",
-                             buckets=LATENCY_BUCKETS, **r)
-        self.first_feedback = h("ledger_bot_first_feedback_seconds",
-                                "Event received -> 'thinking' status or placeholder visible",
-                                buckets=LATENCY_BUCKETS, **r)
-        self.first_token = h("ledger_bot_first_token_seconds", "Event received -> first answer text visible in Slack",
-                             buckets=LATENCY_BUCKETS, **r)
-        self.answer_duration = h("ledger_bot_answer_duration_seconds", "Event received -> reply complete",
-                                 buckets=LATENCY_BUCKETS, **r)
-        self.llm_tokens = c("ledger_bot_llm_tokens", "Tokens reported (or, for a cut answer, estimated)", ["kind"], **r)
-        self.llm_cost = c("ledger_bot_llm_cost_usd", "LLM cost in US dollars", **r)
-        self.socket_connected = g("ledger_bot_socket_connected",
-                                  "1 while a Socket Mode connection that said hello is alive", **r)
-        self.socket_reconnects = c("ledger_bot_socket_reconnects", "Socket Mode reconnections after the first connect",
-                                   **r)
-        self.slack_rate_limited = c("ledger_bot_slack_rate_limited", "Slack 429 answers that reached the bot",
-                                    ["method"], **r)
-        self.queue_depth = g("ledger_bot_worker_queue_depth", "Questions waiting for a worker", **r)
-        self.workers_busy = g("ledger_bot_workers_busy", "Workers answering a question right now", **r)
-        self.feedback = c("ledger_bot_feedback", "Answer feedback votes (a changed vote counts once more)",
-                          ["value"], **r)
-        self.sources = c("ledger_bot_answer_sources", "Answers by whether they cited knowledge sources",
-                         ["cited"], **r)
-        self.build_info = g("ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"], **r)
+        self.events = c(
+            "ledger_bot_events",
+            "Socket Mode events received, by type and what the bot did with them",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.answers = c(
+            "ledger_bot_answers", "Questions handled, by outcome", ["outcome"], registry=registry
+        )
+        self.ack_latency = h(
+            "ledger_bot_ack_latency_seconds",
+            "Envelope frame received -> ack sent",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_feedback = h(
+            "ledger_bot_first_feedback_seconds",
+            "Event received -> 'thinking' status or placeholder visible",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_token = h(
+            "ledger_bot_first_token_seconds",
+            "Event received -> first answer text visible in Slack",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.answer_duration = h(
+            "ledger_bot_answer_duration_seconds",
+            "Event received -> reply complete",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.llm_tokens = c(
+            "ledger_bot_llm_tokens",
+            "Tokens reported (or, for a cut answer, estimated)",
+            ["kind"],
+            registry=registry,
+        )
+        self.llm_cost = c("ledger_bot_llm_cost_usd", "LLM cost in US dollars", registry=registry)
+        self.socket_connected = g(
+            "ledger_bot_socket_connected",
+            "1 while a Socket Mode connection that said hello is alive",
+            registry=registry,
+        )
+        self.socket_reconnects = c(
+            "ledger_bot_socket_reconnects",
+            "Socket Mode reconnections after the first connect",
+            registry=registry,
+        )
+        self.slack_rate_limited = c(
+            "ledger_bot_slack_rate_limited",
+            "Slack 429 answers that reached the bot",
+            ["method"],
+            registry=registry,
+        )
+        self.queue_depth = g(
+            "ledger_bot_worker_queue_depth", "Questions waiting for a worker", registry=registry
+        )
+        self.workers_busy = g(
+            "ledger_bot_workers_busy", "Workers answering a question right now", registry=registry
+        )
+        self.feedback = c(
+            "ledger_bot_feedback",
+            "Answer feedback votes (a changed vote counts once more)",
+            ["value"],
+            registry=registry,
+        )
+        self.sources = c(
+            "ledger_bot_answer_sources",
+            "Answers by whether they cited knowledge sources",
+            ["cited"],
+            registry=registry,
+        )
+        self.build_info = g(
+            "ledger_bot_build_info",
+            "Always 1; labels say what is running",
+            ["version", "git_sha"],
+            registry=registry,
+        )
         for outcome in outcomes:
             self.answers.labels(outcome=outcome)
         for event_type in EVENT_TYPES:
@@ -497,7 +635,10 @@ class Health:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         if self.stopping:
-            return False, {"status": "stopping", "reason": "shutting down, not taking new questions"}
+            return False, {
+                "status": "stopping",
+                "reason": "shutting down, not taking new questions",
+            }
         if not self.connected:
             return False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"}
         return True, {"status": "ready"}
@@ -510,7 +651,7 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
     # connection to the port holds a thread forever.
     timeout = 5
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         if path == "/health":
             ok, body = self.server.health.live()
@@ -530,7 +671,7 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds: DEBUG only
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http " + format, *args)
 
 
@@ -543,8 +684,12 @@ class HealthServer(http.server.ThreadingHTTPServer):
         self.metrics = metrics
 
     def start(self) -> HealthServer:
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="health-http",
-                         daemon=True).start()
+        threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="health-http",
+            daemon=True,
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -593,8 +738,12 @@ def parse_rate_overrides(items: tuple[str, ...]) -> dict[str, int]:
     out: dict[str, int] = {}
     for item in items:
         method, sep, number = item.partition("=")
-        if not (sep and re.fullmatch(r"[a-z]+(\.[A-Za-z]+)+", method.strip()) and number.strip().isdigit()
-                and int(number) > 0):
+        if not (
+            sep
+            and re.fullmatch(r"[a-z]+(\.[A-Za-z]+)+", method.strip())
+            and number.strip().isdigit()
+            and int(number) > 0
+        ):
             raise ValueError(item)
         out[method.strip()] = int(number)
     return out
@@ -604,7 +753,9 @@ def rate_limits(config: Config) -> dict[str, int]:
     """Calls per minute this replica may make, per method (at least one)."""
     tiers = {**SLACK_RATE_TIERS, **parse_rate_overrides(config.ledger_bot_slack_rate_limits)}
     share = config.ledger_bot_slack_rate_share
-    return {m: max(1, int(n * (1.0 if m in PER_CHANNEL_METHODS else share))) for m, n in tiers.items()}
+    return {
+        m: max(1, int(n * (1.0 if m in PER_CHANNEL_METHODS else share))) for m, n in tiers.items()
+    }
 
 
 class RateBudget:
@@ -633,7 +784,10 @@ class RateBudget:
                 calls = self._calls.setdefault(key, collections.deque())
                 while calls and calls[0] <= now - window:
                     calls.popleft()
-                free_at = max(self._blocked_until.get(method, 0.0), calls[0] + window if len(calls) >= limit else 0.0)
+                free_at = max(
+                    self._blocked_until.get(method, 0.0),
+                    calls[0] + window if len(calls) >= limit else 0.0,
+                )
                 if free_at <= now:
                     calls.append(now)
                     return True
@@ -644,7 +798,9 @@ class RateBudget:
     def block(self, method: str, seconds: float) -> None:
         """Slack answered 429: spend nothing on ``method`` for ``seconds``."""
         with self._lock:
-            self._blocked_until[method] = max(self._blocked_until.get(method, 0.0), self.clock() + seconds)
+            self._blocked_until[method] = max(
+                self._blocked_until.get(method, 0.0), self.clock() + seconds
+            )
 
 
 class SlackError(Exception):
@@ -686,17 +842,28 @@ class PooledWebClient(WebClient):
         parts = urllib.parse.urlsplit(url)
         conn = self._connection(parts.scheme, parts.netloc)
         try:
-            conn.request(req.get_method(), parts.path + (f"?{parts.query}" if parts.query else ""), body=req.data,
-                         headers=dict(req.header_items()))
+            conn.request(
+                req.get_method(),
+                parts.path + (f"?{parts.query}" if parts.query else ""),
+                body=req.data,
+                headers=dict(req.header_items()),
+            )
             resp = conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise urllib.error.URLError(e) from e  # what slack_sdk's ConnectionErrorRetryHandler expects
+            raise urllib.error.URLError(
+                e
+            ) from e  # what slack_sdk's ConnectionErrorRetryHandler expects
         if resp.status >= 400:
-            raise urllib.error.HTTPError(url, resp.status, resp.reason, resp.headers, io.BytesIO(body))
-        return {"status": resp.status, "headers": resp.headers,
-                "body": body.decode(resp.headers.get_content_charset() or "utf-8")}
+            raise urllib.error.HTTPError(
+                url, resp.status, resp.reason, resp.headers, io.BytesIO(body)
+            )
+        return {
+            "status": resp.status,
+            "headers": resp.headers,
+            "body": body.decode(resp.headers.get_content_charset() or "utf-8"),
+        }
 
     def _connection(self, scheme: str, netloc: str) -> Any:
         """This thread's open connection to ``netloc``; a fresh one if the server closed it."""
@@ -708,8 +875,11 @@ class PooledWebClient(WebClient):
         if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
             conn.close()  # readable while idle: the server hung up (or said something unasked)
         if conn is None:
-            conn = (http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl) if scheme == "https"
-                    else http.client.HTTPConnection(netloc, timeout=self.timeout))
+            conn = (
+                http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
+                if scheme == "https"
+                else http.client.HTTPConnection(netloc, timeout=self.timeout)
+            )
             pool[netloc] = conn
         return conn
 
@@ -721,7 +891,10 @@ def make_web_client(config: Config, token: str | None = None) -> WebClient:
         token=token or config.slack_bot_token,
         base_url=config.slack_api_url,
         timeout=15,
-        retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2), ServerErrorRetryHandler(max_retry_count=2)],
+        retry_handlers=[
+            ConnectionErrorRetryHandler(max_retry_count=2),
+            ServerErrorRetryHandler(max_retry_count=2),
+        ],
     )
 
 
@@ -749,8 +922,12 @@ def markdown_blocks(markdown: str, extra_blocks: list[dict] | None = None) -> li
     return [{"type": "markdown", "text": markdown}, *(extra_blocks or [])]
 
 
-LOADING_MESSAGES = ("Reading the thread…", "Checking the GL docs…", "Balancing the debits and credits…",
-                    "Looking up the journal sources…")
+LOADING_MESSAGES = (
+    "Reading the thread…",
+    "Checking the GL docs…",
+    "Balancing the debits and credits…",
+    "Looking up the journal sources…",
+)
 
 
 class SlackApi:
@@ -764,8 +941,13 @@ class SlackApi:
     Nothing else escapes. Thread-safe; holds no lock while it talks to Slack.
     """
 
-    def __init__(self, web: WebClient, budget: RateBudget, metrics: Metrics,
-                 on_auth_failed: Callable[[str, str], None] = lambda token, code: None):
+    def __init__(
+        self,
+        web: WebClient,
+        budget: RateBudget,
+        metrics: Metrics,
+        on_auth_failed: Callable[[str, str], None] = lambda token, code: None,
+    ):
         self.web = web
         self.budget = budget
         self.metrics = metrics
@@ -775,18 +957,27 @@ class SlackApi:
         if not self.budget.take(method, channel=channel, wait=wait):
             raise SlackBusy(method, "rate_budget_spent")
         try:
-            body = {k: v for k, v in {"channel": channel or None, **params}.items() if v is not None}
+            body = {
+                k: v for k, v in {"channel": channel or None, **params}.items() if v is not None
+            }
             # Write methods take JSON (blocks, metadata); reading methods only form/query fields.
-            resp = (self.web.api_call(method, json=body) if method.startswith(JSON_METHOD_PREFIXES)
-                    else self.web.api_call(method, params=body))
+            resp = (
+                self.web.api_call(method, json=body)
+                if method.startswith(JSON_METHOD_PREFIXES)
+                else self.web.api_call(method, params=body)
+            )
             return dict(resp.data) if isinstance(resp.data, dict) else {}
         except SlackApiError as e:
             code = str(e.response.get("error") or "slack_api_error")
             if e.response.status_code == 429:
                 self.metrics.slack_rate_limited.labels(method=method).inc()
                 self.budget.block(method, float(e.response.headers.get("Retry-After") or 1))
-                log_event(logging.WARNING, "slack_rate_limited", method=method,
-                          retry_after_s=e.response.headers.get("Retry-After"))
+                log_event(
+                    logging.WARNING,
+                    "slack_rate_limited",
+                    method=method,
+                    retry_after_s=e.response.headers.get("Retry-After"),
+                )
                 raise SlackBusy(method, "ratelimited") from None
             if code in FATAL_AUTH_ERRORS:
                 self.on_auth_failed("SLACK_BOT_TOKEN", code)
@@ -800,17 +991,30 @@ class SlackApi:
     def auth_test(self) -> BotIdentity:
         """``auth.test``: who the bot is."""
         resp = self.call("auth.test", wait=5)
-        return BotIdentity(user_id=resp["user_id"], bot_id=resp.get("bot_id") or "", team_id=resp.get("team_id") or "")
+        return BotIdentity(
+            user_id=resp["user_id"],
+            bot_id=resp.get("bot_id") or "",
+            team_id=resp.get("team_id") or "",
+        )
 
-    def fetch_thread(self, *, channel: str, thread_ts: str, max_messages: int, max_pages: int = 50) -> list[dict]:
+    def fetch_thread(
+        self, *, channel: str, thread_ts: str, max_messages: int, max_pages: int = 50
+    ) -> list[dict]:
         """``conversations.replies`` with metadata, paginated: the root plus the newest
         ``max_messages`` replies (of the first ``max_pages`` × 200), oldest first."""
         root: dict | None = None
         newest: collections.deque[dict] = collections.deque(maxlen=max_messages)
         cursor = None
         for _ in range(max_pages):
-            resp = self.call("conversations.replies", wait=30, channel=channel, ts=thread_ts, limit=200,
-                             cursor=cursor, include_all_metadata=True)
+            resp = self.call(
+                "conversations.replies",
+                wait=30,
+                channel=channel,
+                ts=thread_ts,
+                limit=200,
+                cursor=cursor,
+                include_all_metadata=True,
+            )
             messages = list(resp.get("messages") or [])
             if root is None and messages:
                 root = messages.pop(0)
@@ -822,59 +1026,138 @@ class SlackApi:
 
     def fetch_thread_root(self, *, channel: str, thread_ts: str) -> dict | None:
         """The first message of a thread (``conversations.replies`` limit 1), or None if gone."""
-        messages = self.call("conversations.replies", wait=30, channel=channel, ts=thread_ts, limit=1).get("messages")
+        messages = self.call(
+            "conversations.replies", wait=30, channel=channel, ts=thread_ts, limit=1
+        ).get("messages")
         return messages[0] if messages else None
 
     # -- messages -----------------------------------------------------------------------------
 
-    def post_message(self, *, channel: str, thread_ts: str, markdown: str, metadata_type: str, ref: str,
-                     extra_blocks: list[dict] | None = None, wait: float = 30) -> str:
+    def post_message(
+        self,
+        *,
+        channel: str,
+        thread_ts: str,
+        markdown: str,
+        metadata_type: str,
+        ref: str,
+        extra_blocks: list[dict] | None = None,
+        wait: float = 30,
+    ) -> str:
         """``chat.postMessage`` of one markdown block (plain ``text`` kept for notifications);
         returns the new message's ts."""
-        return self.call("chat.postMessage", wait=wait, channel=channel, thread_ts=thread_ts, text=markdown,
-                         blocks=markdown_blocks(markdown, extra_blocks), metadata=message_metadata(metadata_type, ref),
-                         unfurl_links=False, unfurl_media=False)["ts"]
+        return self.call(
+            "chat.postMessage",
+            wait=wait,
+            channel=channel,
+            thread_ts=thread_ts,
+            text=markdown,
+            blocks=markdown_blocks(markdown, extra_blocks),
+            metadata=message_metadata(metadata_type, ref),
+            unfurl_links=False,
+            unfurl_media=False,
+        )["ts"]
 
-    def update_message(self, *, channel: str, ts: str, markdown: str, metadata_type: str, ref: str,
-                       extra_blocks: list[dict] | None = None, wait: float = 30) -> None:
+    def update_message(
+        self,
+        *,
+        channel: str,
+        ts: str,
+        markdown: str,
+        metadata_type: str,
+        ref: str,
+        extra_blocks: list[dict] | None = None,
+        wait: float = 30,
+    ) -> None:
         """``chat.update`` a message of ours to one markdown block (never one still streaming:
         Slack answers ``streaming_state_conflict``)."""
-        self.call("chat.update", wait=wait, channel=channel, ts=ts, text=markdown,
-                  blocks=markdown_blocks(markdown, extra_blocks), metadata=message_metadata(metadata_type, ref))
+        self.call(
+            "chat.update",
+            wait=wait,
+            channel=channel,
+            ts=ts,
+            text=markdown,
+            blocks=markdown_blocks(markdown, extra_blocks),
+            metadata=message_metadata(metadata_type, ref),
+        )
 
-    def post_ephemeral(self, *, channel: str, user: str, text: str, thread_ts: str | None = None) -> None:
+    def post_ephemeral(
+        self, *, channel: str, user: str, text: str, thread_ts: str | None = None
+    ) -> None:
         """``chat.postEphemeral``: a line only ``user`` sees."""
-        self.call("chat.postEphemeral", wait=10, channel=channel, user=user, text=text, thread_ts=thread_ts)
+        self.call(
+            "chat.postEphemeral",
+            wait=10,
+            channel=channel,
+            user=user,
+            text=text,
+            thread_ts=thread_ts,
+        )
 
     # -- streaming ----------------------------------------------------------------------------
 
-    def start_stream(self, *, channel: str, thread_ts: str, markdown: str, user: str, team: str,
-                     wait: float = 0) -> str:
+    def start_stream(
+        self, *, channel: str, thread_ts: str, markdown: str, user: str, team: str, wait: float = 0
+    ) -> str:
         """``chat.startStream`` with the first text; returns the streaming message's ts."""
-        return self.call("chat.startStream", wait=wait, channel=channel, thread_ts=thread_ts, markdown_text=markdown,
-                         recipient_user_id=user, recipient_team_id=team or None)["ts"]
+        return self.call(
+            "chat.startStream",
+            wait=wait,
+            channel=channel,
+            thread_ts=thread_ts,
+            markdown_text=markdown,
+            recipient_user_id=user,
+            recipient_team_id=team or None,
+        )["ts"]
 
     def append_stream(self, *, channel: str, ts: str, markdown: str, wait: float = 0) -> None:
         """``chat.appendStream``; ``stopped_by_user`` once the person pressed Stop."""
         self.call("chat.appendStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown)
 
-    def stop_stream(self, *, channel: str, ts: str, markdown: str = "", metadata_type: str, ref: str,
-                    extra_blocks: list[dict] | None = None, wait: float = 60) -> None:
+    def stop_stream(
+        self,
+        *,
+        channel: str,
+        ts: str,
+        markdown: str = "",
+        metadata_type: str,
+        ref: str,
+        extra_blocks: list[dict] | None = None,
+        wait: float = 60,
+    ) -> None:
         """``chat.stopStream``: the last text, then the message is final (buttons, metadata)."""
-        self.call("chat.stopStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown or None,
-                  blocks=extra_blocks or None, metadata=message_metadata(metadata_type, ref))
+        self.call(
+            "chat.stopStream",
+            wait=wait,
+            channel=channel,
+            ts=ts,
+            markdown_text=markdown or None,
+            blocks=extra_blocks or None,
+            metadata=message_metadata(metadata_type, ref),
+        )
 
     # -- the assistant pane, the Home tab, modals, files ---------------------------------------
 
     def set_suggested_prompts(self, *, channel: str, thread_ts: str, prompts: list[str]) -> None:
         """``assistant.threads.setSuggestedPrompts``: what a new AI-pane thread offers."""
-        self.call("assistant.threads.setSuggestedPrompts", wait=5, channel_id=channel, thread_ts=thread_ts,
-                  title="Ask about GL Publisher or the Oracle GL",
-                  prompts=[{"title": p if len(p) <= 75 else p[:74] + "…", "message": p} for p in prompts])
+        self.call(
+            "assistant.threads.setSuggestedPrompts",
+            wait=5,
+            channel_id=channel,
+            thread_ts=thread_ts,
+            title="Ask about GL Publisher or the Oracle GL",
+            prompts=[{"title": p if len(p) <= 75 else p[:74] + "…", "message": p} for p in prompts],
+        )
 
     def set_title(self, *, channel: str, thread_ts: str, title: str) -> None:
         """``assistant.threads.setTitle``: the AI-pane thread's name in the history list."""
-        self.call("assistant.threads.setTitle", wait=5, channel_id=channel, thread_ts=thread_ts, title=title)
+        self.call(
+            "assistant.threads.setTitle",
+            wait=5,
+            channel_id=channel,
+            thread_ts=thread_ts,
+            title=title,
+        )
 
     def open_view(self, *, trigger_id: str, view: dict) -> None:
         """``views.open``: a modal (the trigger expires after 3 s, so this never waits)."""
@@ -891,10 +1174,13 @@ class SlackApi:
         import urllib.request
 
         api, target = urllib.parse.urlsplit(self.web.base_url), urllib.parse.urlsplit(url)
-        if (target.scheme, target.netloc) not in {(api.scheme, api.netloc), ("https", "files.slack.com")}:
+        if (target.scheme, target.netloc) not in {
+            (api.scheme, api.netloc),
+            ("https", "files.slack.com"),
+        }:
             raise SlackError("files", "not_a_slack_file_url")  # the bot token goes to Slack only
         request = urllib.request.Request(url)
-        # Never carried across a redirect: Slack answers a missing scope with a login page elsewhere.
+        # Never carried across a redirect: a missing scope gets a login page elsewhere.
         request.add_unredirected_header("Authorization", f"Bearer {self.web.token}")
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
@@ -913,12 +1199,20 @@ class SlackApi:
         Slack refuses it or its budget is spent. Slack clears it at the next post in the thread,
         or after two minutes without one (the Answerer renews it while the model is silent)."""
         try:
-            self.call("assistant.threads.setStatus", wait=2, channel_id=channel, thread_ts=thread_ts, status=status,
-                      loading_messages=list(LOADING_MESSAGES))
+            self.call(
+                "assistant.threads.setStatus",
+                wait=2,
+                channel_id=channel,
+                thread_ts=thread_ts,
+                status=status,
+                loading_messages=list(LOADING_MESSAGES),
+            )
             return True
         except SlackError as e:
             log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
             return False
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
 # 6. Conversation (pure: no I/O in this section)
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -964,14 +1258,23 @@ class Question:
 
 @dataclasses.dataclass(frozen=True)
 class Ignored:
-    reason: str  # unsupported_event, subtype, bot, own_message, not_addressed, mention_twin, malformed
+    reason: (
+        str  # unsupported_event, subtype, bot, own_message, not_addressed, mention_twin, malformed
+    )
 
 
 _MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 
-def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: str, me: BotIdentity,
-                   *, follow_ups: bool = False) -> Question | Ignored:
+def classify_event(
+    event_type: str,
+    event: SlackEvent,
+    event_id: str,
+    team_id: str,
+    me: BotIdentity,
+    *,
+    follow_ups: bool = False,
+) -> Question | Ignored:
     """Decide whether an Events API event is a question for the bot.
 
     ``app_mention`` -> a question in its thread; ``message`` in a DM (``channel_type: im``) ->
@@ -985,8 +1288,12 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
     if event_type not in ("app_mention", "message"):
         return Ignored("unsupported_event")
     if event.bot_id or event.subtype == "bot_message":
-        return Ignored("own_message" if event.bot_id == me.bot_id or event.user == me.user_id else "bot")
-    if event.subtype and event.subtype != "file_share":  # a question with a screenshot is file_share
+        return Ignored(
+            "own_message" if event.bot_id == me.bot_id or event.user == me.user_id else "bot"
+        )
+    if (
+        event.subtype and event.subtype != "file_share"
+    ):  # a question with a screenshot is file_share
         return Ignored("subtype")
     if event.user == me.user_id:
         return Ignored("own_message")
@@ -1015,7 +1322,11 @@ def classify_event(event_type: str, event: SlackEvent, event_id: str, team_id: s
 
 def strip_mention(text: str, bot_user_id: str) -> str:
     """Remove the bot's own ``<@ID>`` / ``<@ID|name>`` mentions; other people's stay."""
-    return re.sub(r"\s{2,}", " ", _MENTION.sub(lambda m: "" if m.group(1) == bot_user_id else m.group(0), text)).strip()
+    return re.sub(
+        r"\s{2,}",
+        " ",
+        _MENTION.sub(lambda m: "" if m.group(1) == bot_user_id else m.group(0), text),
+    ).strip()
 
 
 SYSTEM_PROMPT = """\
@@ -1037,9 +1348,16 @@ people may be in the thread; answer the latest message, using the thread for con
 
 
 def build_llm_messages(
-    *, question: Question, thread: list[dict], me: BotIdentity, system_prompt: str,
-    max_messages: int, max_chars: int, knowledge: KnowledgeChoice | None = None,
-    token_budget: int | None = None, count_tokens: Callable[[str], int] = len,
+    *,
+    question: Question,
+    thread: list[dict],
+    me: BotIdentity,
+    system_prompt: str,
+    max_messages: int,
+    max_chars: int,
+    knowledge: KnowledgeChoice | None = None,
+    token_budget: int | None = None,
+    count_tokens: Callable[[str], int] = len,
 ) -> list[dict]:
     """Turn a Slack thread into chat messages for the model.
 
@@ -1053,14 +1371,22 @@ def build_llm_messages(
     """
     system = _system_message(system_prompt, knowledge)
     asked = ("user", f"<@{question.user}>: {strip_mention(question.text, me.user_id)}")
-    history = [t for msg in thread
-               if msg.get("ts") != question.ts and _ts_key(msg.get("ts", "0")) < _ts_key(question.ts)
-               and (t := _thread_turn(msg, me))]
-    history = history[-(max_messages - 1):] if max_messages > 1 else []
+    history = [
+        t
+        for msg in thread
+        if msg.get("ts") != question.ts
+        and _ts_key(msg.get("ts", "0")) < _ts_key(question.ts)
+        and (t := _thread_turn(msg, me))
+    ]
+    history = history[-(max_messages - 1) :] if max_messages > 1 else []
     chars_left = max_chars - len(asked[1])
     tokens_left = None
     if token_budget is not None:
-        tokens_left = token_budget - count_tokens(system_prompt) - count_tokens(knowledge.text if knowledge else "")
+        tokens_left = (
+            token_budget
+            - count_tokens(system_prompt)
+            - count_tokens(knowledge.text if knowledge else "")
+        )
         tokens_left -= count_tokens(asked[1]) + 8
         if tokens_left < 0:
             raise QuestionTooLong()
@@ -1093,8 +1419,11 @@ def _system_message(system_prompt: str, knowledge: KnowledgeChoice | None) -> di
     for every question, so it is marked for prompt caching; a per-question selection is not."""
     if knowledge is None or not knowledge.text:
         return {"role": "system", "content": system_prompt}
-    heading = ("Team knowledge (the whole knowledge base):" if knowledge.whole
-               else "Team knowledge (the sections most relevant to this thread):")
+    heading = (
+        "Team knowledge (the whole knowledge base):"
+        if knowledge.whole
+        else "Team knowledge (the sections most relevant to this thread):"
+    )
     block: dict[str, Any] = {"type": "text", "text": f"{heading}\n\n{knowledge.text}"}
     if knowledge.whole:
         block["cache_control"] = {"type": "ephemeral"}
@@ -1180,7 +1509,9 @@ def fence_seam(text: str) -> tuple[str, str]:
     fence = _open_fence(text)
     if fence is None:
         return "", ""
-    return ("" if text.endswith("\n") else "\n") + FENCE_CLOSE, (fence if len(fence) <= _MAX_REOPEN else "```") + "\n"
+    return ("" if text.endswith("\n") else "\n") + FENCE_CLOSE, (
+        fence if len(fence) <= _MAX_REOPEN else "```"
+    ) + "\n"
 
 
 def _best_cut(window: str) -> int:
@@ -1204,17 +1535,22 @@ def _open_fence(text: str) -> str | None:
 
 # Anything that would notify a crowd: <!here>, <!channel>, <!everyone> (with or without a
 # |label), <!subteam^ID> / <!subteam^ID|@group>, and the bare @here / @channel / @everyone.
-_BROADCAST = re.compile(r"<!(here|channel|everyone)(?:\|[^>]*)?>|<!subteam\^[A-Za-z0-9]+(?:\|@?([^>]*))?>"
-                        r"|(?<![\w@])@(here|channel|everyone)\b", re.I)
+_BROADCAST = re.compile(
+    r"<!(here|channel|everyone)(?:\|[^>]*)?>|<!subteam\^[A-Za-z0-9]+(?:\|@?([^>]*))?>"
+    r"|(?<![\w@])@(here|channel|everyone)\b",
+    re.I,
+)
 _WORD_JOINER = "\u2060"
 
 
 def neutralise_broadcasts(text: str) -> str:
     """``text`` with every crowd mention made inert: it still reads "@here" but a word joiner
     after the @ means Slack notifies no one. Idempotent."""
+
     def inert(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(3) or m.group(2) or "group"
         return "@" + _WORD_JOINER + name.lstrip("@")
+
     return _BROADCAST.sub(inert, text)
 
 
@@ -1222,7 +1558,7 @@ def _unsafe_tail(text: str) -> int:
     """How many trailing characters of ``text`` could still become a crowd mention once more
     text arrives (an unclosed ``<!…`` or a bare ``@her``), and so must not be sent yet."""
     lt = text.rfind("<", max(0, len(text) - 80))
-    if lt >= 0 and ">" not in text[lt:] and (text[lt:lt + 2] == "<!" or len(text) - lt == 1):
+    if lt >= 0 and ">" not in text[lt:] and (text[lt : lt + 2] == "<!" or len(text) - lt == 1):
         return len(text) - lt
     at = re.search(r"@[A-Za-z]{0,8}$", text)
     return len(text) - at.start() if at else 0
@@ -1268,8 +1604,10 @@ class AnswerText:
         if self._trailer is None:
             return rest, []
         first_line = self._trailer.strip().split("\n")[0].lstrip("*_ ")
-        labels = first_line[len(SOURCES_MARK):].strip("*_ ")
-        return rest.rstrip(), [label.strip().strip("`[]*") for label in labels.split(";") if label.strip()]
+        labels = first_line[len(SOURCES_MARK) :].strip("*_ ")
+        return rest.rstrip(), [
+            label.strip().strip("`[]*") for label in labels.split(";") if label.strip()
+        ]
 
 
 # -- the AI pane, the thread shortcut, the Home tab, screenshots (pure) -------------------
@@ -1290,15 +1628,28 @@ def ask_modal(*, channel: str, thread_ts: str) -> dict:
     """The "Ask ledger-bot about this thread" modal: one field, prefilled; where to answer
     travels in ``private_metadata``."""
     block_id, action_id = MODAL_INPUT
-    return {"type": "modal", "callback_id": MODAL_CALLBACK,
-            "title": {"type": "plain_text", "text": "Ask ledger-bot"},
-            "submit": {"type": "plain_text", "text": "Ask"},
-            "close": {"type": "plain_text", "text": "Cancel"},
-            "private_metadata": json.dumps({"channel": channel, "thread_ts": thread_ts}),
-            "blocks": [{"type": "input", "block_id": block_id,
-                        "label": {"type": "plain_text", "text": "Your question about this thread"},
-                        "element": {"type": "plain_text_input", "action_id": action_id, "multiline": True,
-                                    "initial_value": "Summarize this thread", "max_length": 3000}}]}
+    return {
+        "type": "modal",
+        "callback_id": MODAL_CALLBACK,
+        "title": {"type": "plain_text", "text": "Ask ledger-bot"},
+        "submit": {"type": "plain_text", "text": "Ask"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": json.dumps({"channel": channel, "thread_ts": thread_ts}),
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": block_id,
+                "label": {"type": "plain_text", "text": "Your question about this thread"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": action_id,
+                    "multiline": True,
+                    "initial_value": "Summarize this thread",
+                    "max_length": 3000,
+                },
+            }
+        ],
+    }
 
 
 def shortcut_question(view: dict, user: dict, *, now: float) -> Question | None:
@@ -1313,15 +1664,26 @@ def shortcut_question(view: dict, user: dict, *, now: float) -> Question | None:
         return None
     if not (text and channel and thread_ts and user.get("id")):
         return None
-    return Question(event_id=f"view:{view.get('id', '')}", kind="shortcut", channel=channel, user=str(user["id"]),
-                    team=str(user.get("team_id") or ""), text=clean_text(text), ts=f"{now:.6f}",
-                    thread_ts=thread_ts, in_thread=True)
+    return Question(
+        event_id=f"view:{view.get('id', '')}",
+        kind="shortcut",
+        channel=channel,
+        user=str(user["id"]),
+        team=str(user.get("team_id") or ""),
+        text=clean_text(text),
+        ts=f"{now:.6f}",
+        thread_ts=thread_ts,
+        in_thread=True,
+    )
 
 
-def choose_images(files: tuple[dict, ...], *, max_count: int, max_bytes: int) -> tuple[list[dict], list[str]]:
+def choose_images(
+    files: tuple[dict, ...], *, max_count: int, max_bytes: int
+) -> tuple[list[dict], list[str]]:
     """Which attached files go to the model as images (PNG/JPEG/GIF/WebP within the caps), and
     the names of the others, which the answer mentions it skipped."""
-    images, skipped = [], []
+    images: list[dict] = []
+    skipped: list[str] = []
     for f in files:
         name = str(f.get("name") or f.get("title") or f.get("id") or "a file")
         url = f.get("url_private_download") or f.get("url_private")
@@ -1341,19 +1703,29 @@ def with_images(messages: list[dict], images: list[tuple[str, bytes]]) -> list[d
     import base64
 
     last = messages[-1]
-    parts: list[dict] = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) \
+    parts: list[dict] = (
+        [{"type": "text", "text": last["content"]}]
+        if isinstance(last["content"], str)
         else list(last["content"])
+    )
     for kind, data in images:
-        parts.append({"type": "image_url",
-                      "image_url": {"url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}})
+        parts.append(
+            {
+                "type": "image_url",
+                "image_url": {"url": f"data:{kind};base64,{base64.b64encode(data).decode()}"},
+            }
+        )
     return [*messages[:-1], {**last, "content": parts}]
 
 
 def skipped_files_note(skipped: list[str], unreadable: list[str]) -> str:
     notes = []
     if skipped:
-        notes.append("I can read images only (PNG, JPEG, GIF, WebP, within size limits), so I skipped "
-                     + ", ".join(f"`{n}`" for n in skipped) + ".")
+        notes.append(
+            "I can read images only (PNG, JPEG, GIF, WebP, within size limits), so I skipped "
+            + ", ".join(f"`{n}`" for n in skipped)
+            + "."
+        )
     if unreadable:
         notes.append("I couldn't open " + ", ".join(f"`{n}`" for n in unreadable) + ".")
     return ("\n\n_" + " ".join(notes) + "_") if notes else ""
@@ -1363,27 +1735,42 @@ def home_view(sections: list[Section], config: Config) -> dict:
     """The Home tab: what the bot is for, how to ask, which documents it knows, how to report a
     bad answer, and the limits each person has (limits, not usage: one replica cannot know a
     person's usage across replicas). At most 100 blocks, 3,000 characters each."""
+
     def text(markdown: str) -> dict:
         return {"type": "section", "text": {"type": "mrkdwn", "text": markdown[:3000]}}
 
     documents: dict[str, list[str]] = {}
     for section in sections:
-        documents.setdefault(section.source, []).append(section.heading.split(" > ")[-1] if section.heading else "")
+        documents.setdefault(section.source, []).append(
+            section.heading.split(" > ")[-1] if section.heading else ""
+        )
     c = config
-    limits = [f"• {c.ledger_bot_user_rate_limit} questions per {_duration(c.ledger_bot_user_rate_window_seconds)}"
-              if c.ledger_bot_user_rate_limit else "• no per-person question limit",
-              f"• a daily LLM budget of ${c.ledger_bot_user_daily_budget_usd:.2f} per person"
-              if c.ledger_bot_user_daily_budget_usd else "• no per-person daily budget"]
+    limits = [
+        f"• {c.ledger_bot_user_rate_limit} questions per "
+        f"{_duration(c.ledger_bot_user_rate_window_seconds)}"
+        if c.ledger_bot_user_rate_limit
+        else "• no per-person question limit",
+        f"• a daily LLM budget of ${c.ledger_bot_user_daily_budget_usd:.2f} per person"
+        if c.ledger_bot_user_daily_budget_usd
+        else "• no per-person daily budget",
+    ]
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": "ledger-bot"}},
-        text("I answer questions about *GL Publisher* and the *Oracle General Ledger* for the BOR Write team, "
-             "from the team's documents, and cite the documents I used."),
-        text("*How to ask*\n• @mention me in a channel: I answer in the thread, reading the thread first.\n"
-             "• Send me a direct message, or open me in the AI pane.\n"
-             "• On any message: *More actions → Ask ledger-bot about this thread*.\n"
-             "• Paste a screenshot of an error with your question: I can read images."),
-        text("*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's ref), and tell "
-             "the BOR Write team in #bor-write-eng with the `lb-…` ref."),
+        text(
+            "I answer questions about *GL Publisher* and the *Oracle General Ledger* for the "
+            "BOR Write team, from the team's documents, and cite the documents I used."
+        ),
+        text(
+            "*How to ask*\n"
+            "• @mention me in a channel: I answer in the thread, reading the thread first.\n"
+            "• Send me a direct message, or open me in the AI pane.\n"
+            "• On any message: *More actions → Ask ledger-bot about this thread*.\n"
+            "• Paste a screenshot of an error with your question: I can read images."
+        ),
+        text(
+            "*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's "
+            "ref), and tell the BOR Write team in #bor-write-eng with the `lb-…` ref."
+        ),
         text("*Your limits*\n" + "\n".join(limits)),
         {"type": "divider"},
         text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
@@ -1413,7 +1800,9 @@ def knowledge_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path] if path.suffix.lower() in KNOWLEDGE_SUFFIXES else []
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWLEDGE_SUFFIXES)
+        return sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWLEDGE_SUFFIXES
+        )
     return []
 
 
@@ -1429,7 +1818,7 @@ class Section:
         return f"{self.source} § {self.heading}" if self.heading else self.source
 
     def render(self) -> str:
-        return f"<document source=\"{self.label}\">\n{self.text.strip()}\n</document>"
+        return f'<document source="{self.label}">\n{self.text.strip()}\n</document>'
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
@@ -1446,7 +1835,7 @@ def front_matter(text: str) -> tuple[dict[str, str], str]:
         key, sep, value = line.partition(":")
         if sep and key.strip():
             fields[key.strip().lower()] = value.strip().strip("\"'")
-    return fields, text[m.end():]
+    return fields, text[m.end() :]
 
 
 def split_sections(source: str, text: str) -> list[Section]:
@@ -1473,7 +1862,7 @@ def split_sections(source: str, text: str) -> list[Section]:
         if match:
             close()
             level = len(match.group(1))
-            trail[:] = trail[: level - 1] + [match.group(2)]
+            trail[:] = [*trail[: level - 1], match.group(2)]
         lines.append(line)
     close()
     return sections
@@ -1494,9 +1883,12 @@ _WORD = re.compile(r"[a-z0-9_]{2,}")
 # Words that match every section and rank none: without them "what does EU02 mean" ranks by
 # "what" and "does" as much as by "eu02" (measured with --eval, see README › Retrieval).
 STOPWORDS = frozenset(
-    "a an and any are as at be but by can could did do does for from has have how if in into is it its me my no not "
-    "of on or our should so that the their them then there these they this to was we were what when where which "
-    "who why will with would you your".split())
+    (
+        "a an and any are as at be but by can could did do does for from has have how if in into "
+        "is it its me my no not of on or our should so that the their them then there these they "
+        "this to was we were what when where which who why will with would you your"
+    ).split()
+)
 # A section scoring under this share of the best one is noise, however much budget is left.
 RELEVANCE_CUTOFF = 0.3
 
@@ -1506,7 +1898,7 @@ def _terms(text: str) -> list[str]:
 
 
 class BM25:
-    """A BM25 index over sections, built once (documents are tokenised at load, not per question)."""
+    """A BM25 index over sections, built once: documents are tokenised at load, not per question."""
 
     def __init__(self, sections: list[Section], *, k1: float = 1.2, b: float = 0.75):
         self.sections = sections
@@ -1563,7 +1955,9 @@ class KnowledgeChoice:
         return tuple(s.label for s in self.sections)
 
 
-def choose_knowledge(index: BM25, section_tokens: list[int], query: str, budget: int) -> KnowledgeChoice:
+def choose_knowledge(
+    index: BM25, section_tokens: list[int], query: str, budget: int
+) -> KnowledgeChoice:
     """All sections if they fit ``budget`` tokens; else the most relevant ones that fit."""
     sections = index.sections
     if sum(section_tokens) <= budget:
@@ -1603,8 +1997,13 @@ class KnowledgeStore:
     every ``check_every`` s, by whoever asks for ``current()``). A reload that fails keeps the
     old knowledge and logs one ``knowledge_reload_failed`` line per broken version."""
 
-    def __init__(self, path: Path, *, check_every: float = 5.0,
-                 on_reload: Callable[[KnowledgeBase], None] = lambda kb: None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        check_every: float = 5.0,
+        on_reload: Callable[[KnowledgeBase], None] = lambda kb: None,
+    ):
         self.path = path
         self.check_every = check_every
         self.on_reload = on_reload
@@ -1624,7 +2023,9 @@ class KnowledgeStore:
 
     def current(self) -> KnowledgeBase:
         now = time.monotonic()
-        if (self.check_every and now - self._checked < self.check_every) or not self._lock.acquire(blocking=False):
+        if (self.check_every and now - self._checked < self.check_every) or not self._lock.acquire(
+            blocking=False
+        ):
             return self._base
         try:
             self._checked = now
@@ -1636,11 +2037,21 @@ class KnowledgeStore:
                         raise ValueError("no sections: every knowledge file is empty or gone")
                 except (OSError, UnicodeDecodeError, ValueError) as e:
                     self._failed = fingerprint
-                    log_event(logging.ERROR, "knowledge_reload_failed", path=str(self.path),
-                              error=f"{type(e).__name__}: {e}", kept_sections=len(self._base.sections))
+                    log_event(
+                        logging.ERROR,
+                        "knowledge_reload_failed",
+                        path=str(self.path),
+                        error=f"{type(e).__name__}: {e}",
+                        kept_sections=len(self._base.sections),
+                    )
                 else:
                     self._base, self._fingerprint, self._failed = base, fingerprint, None
-                    log_event(logging.INFO, "knowledge_reloaded", path=str(self.path), sections=len(base.sections))
+                    log_event(
+                        logging.INFO,
+                        "knowledge_reloaded",
+                        path=str(self.path),
+                        sections=len(base.sections),
+                    )
                     self.on_reload(base)
         finally:
             self._lock.release()
@@ -1672,8 +2083,12 @@ def _litellm() -> Any:
                 import litellm
 
                 _tame_litellm_logging()
-                litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
-                litellm.disable_streaming_logging = True  # per-chunk logging bookkeeping we never use
+                litellm.suppress_debug_info = (
+                    True  # no "Give Feedback / Get Help" banners on stdout
+                )
+                litellm.disable_streaming_logging = (
+                    True  # per-chunk logging bookkeeping we never use
+                )
                 litellm.telemetry = False
                 _litellm_module = litellm
     return _litellm_module
@@ -1713,16 +2128,20 @@ def register_alias(config: Config) -> None:
     if name in _registered:
         return
     per_in = config.ledger_bot_input_cost_per_mtok / 1e6
-    _litellm().register_model({name: {
-        "max_input_tokens": config.ledger_bot_context_tokens,
-        "max_output_tokens": config.ledger_bot_max_output_tokens,
-        "input_cost_per_token": per_in,
-        "output_cost_per_token": config.ledger_bot_output_cost_per_mtok / 1e6,
-        "cache_read_input_token_cost": per_in * 0.1,  # Anthropic: cache reads at 0.1x
-        "cache_creation_input_token_cost": per_in * 1.25,  # and cache writes at 1.25x
-        "litellm_provider": "litellm_proxy",
-        "mode": "chat",
-    }})
+    _litellm().register_model(
+        {
+            name: {
+                "max_input_tokens": config.ledger_bot_context_tokens,
+                "max_output_tokens": config.ledger_bot_max_output_tokens,
+                "input_cost_per_token": per_in,
+                "output_cost_per_token": config.ledger_bot_output_cost_per_mtok / 1e6,
+                "cache_read_input_token_cost": per_in * 0.1,  # Anthropic: cache reads at 0.1x
+                "cache_creation_input_token_cost": per_in * 1.25,  # and cache writes at 1.25x
+                "litellm_provider": "litellm_proxy",
+                "mode": "chat",
+            }
+        }
+    )
     _registered.add(name)
 
 
@@ -1730,8 +2149,12 @@ def cost_usd(config: Config, usage: Usage) -> float:
     """Dollars for ``usage`` at the prices registered for the alias: the one cost computation."""
     register_alias(config)
     prompt, completion = _litellm().cost_per_token(
-        model=model_id(config), prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        cache_read_input_tokens=usage.cached_tokens, cache_creation_input_tokens=usage.cache_creation_tokens)
+        model=model_id(config),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cache_read_input_tokens=usage.cached_tokens,
+        cache_creation_input_tokens=usage.cache_creation_tokens,
+    )
     return float(prompt + completion)
 
 
@@ -1749,23 +2172,46 @@ def make_llm_client(config: Config) -> Any:
     (``stream_completion`` decides), so the gateway's own retries are the only ones stacked."""
     import openai
 
-    return openai.OpenAI(base_url=config.litellm_base_url, api_key=config.litellm_developer_key, max_retries=0,
-                         default_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key})
+    return openai.OpenAI(
+        base_url=config.litellm_base_url,
+        api_key=config.litellm_developer_key,
+        max_retries=0,
+        default_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
+    )
 
 
 def gateway_user(config: Config, team: str, user: str) -> str:
     """The OpenAI ``user`` field: stable across replicas and restarts, not reversible to a Slack
     id (an HMAC keyed with the gateway key), so gateway spend tracking works per person."""
-    digest = hmac.new(config.litellm_developer_key.encode(), f"{team}:{user}".encode(), hashlib.sha256)
+    digest = hmac.new(
+        config.litellm_developer_key.encode(), f"{team}:{user}".encode(), hashlib.sha256
+    )
     return "lb-" + digest.hexdigest()[:32]
 
 
 # Phrases by which the gateway and providers say what went wrong, when the status alone
 # cannot (LiteLLM answers a spent budget with 400 or 422; context errors come as 400).
-_BUDGET_WORDS = ("budget_exceeded", "budget has been exceeded", "exceeded budget", "exceeded your budget")
-_CONTEXT_WORDS = ("context_length_exceeded", "context window", "maximum context length", "prompt is too long",
-                  "too many tokens", "input is too long")
-_POLICY_WORDS = ("content_policy", "content policy", "content_filter", "content filter", "responsible ai")
+_BUDGET_WORDS = (
+    "budget_exceeded",
+    "budget has been exceeded",
+    "exceeded budget",
+    "exceeded your budget",
+)
+_CONTEXT_WORDS = (
+    "context_length_exceeded",
+    "context window",
+    "maximum context length",
+    "prompt is too long",
+    "too many tokens",
+    "input is too long",
+)
+_POLICY_WORDS = (
+    "content_policy",
+    "content policy",
+    "content_filter",
+    "content filter",
+    "responsible ai",
+)
 
 
 def _error_facts(exc: BaseException) -> tuple[int | None, str]:
@@ -1795,9 +2241,14 @@ def classify_llm_error(exc: BaseException) -> LLMFailure:
         kind = "context_too_long"
     elif isinstance(exc, lm.ContentPolicyViolationError) or any(w in text for w in _POLICY_WORDS):
         kind = "content_policy"
-    elif status in (401, 403) or isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+    elif status in (401, 403) or isinstance(
+        exc, (openai.AuthenticationError, openai.PermissionDeniedError)
+    ):
         kind = "gateway_auth_error"
-    elif isinstance(exc, (openai.APITimeoutError, TimeoutError, httpx2.TimeoutException)) or status == 408:
+    elif (
+        isinstance(exc, (openai.APITimeoutError, TimeoutError, httpx2.TimeoutException))
+        or status == 408
+    ):
         kind = "timeout"
     elif status == 429 or isinstance(exc, openai.RateLimitError):
         kind = "rate_limited"
@@ -1808,7 +2259,9 @@ def classify_llm_error(exc: BaseException) -> LLMFailure:
     return LLMFailure(kind, f"{type(exc).__name__} status={status}")
 
 
-def _retry_delay(exc: BaseException, failure: LLMFailure, attempt: int, config: Config) -> float | None:
+def _retry_delay(
+    exc: BaseException, failure: LLMFailure, attempt: int, config: Config
+) -> float | None:
     """Seconds to wait before trying again, or None to give up. Only what the gateway could
     not have retried itself: a connection that failed (never a read timeout: the upstream may
     be generating already), and a 429 whose Retry-After is short."""
@@ -1817,7 +2270,7 @@ def _retry_delay(exc: BaseException, failure: LLMFailure, attempt: int, config: 
     if attempt >= config.ledger_bot_llm_max_retries:
         return None
     if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
-        return 0.5 * 2 ** attempt
+        return 0.5 * 2**attempt
     if failure.kind == "rate_limited":
         headers = getattr(getattr(exc, "response", None), "headers", None) or {}
         try:
@@ -1828,8 +2281,14 @@ def _retry_delay(exc: BaseException, failure: LLMFailure, attempt: int, config: 
     return None
 
 
-def stream_completion(config: Config, messages: list[dict], usage: Usage, *, client: Any = None,
-                      user: str | None = None) -> Iterator[str]:
+def stream_completion(
+    config: Config,
+    messages: list[dict],
+    usage: Usage,
+    *,
+    client: Any = None,
+    user: str | None = None,
+) -> Generator[str, None, None]:
     """Stream the answer's text from the gateway, filling ``usage`` when the gateway reports it.
 
     One deadline to the first token, across every attempt: LEDGER_BOT_LLM_TIMEOUT_SECONDS from
@@ -1854,28 +2313,47 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage, *, cli
     while True:
         left = first_token_by - time.monotonic()
         if left <= 0:
-            raise LLMFailure("timeout", f"no answer within {config.ledger_bot_llm_timeout_seconds}s")
+            raise LLMFailure(
+                "timeout", f"no answer within {config.ledger_bot_llm_timeout_seconds}s"
+            )
         try:
             response = lm.completion(
-                model=model_id(config), messages=messages, api_base=config.litellm_base_url,
-                api_key=config.litellm_developer_key, client=client,
+                model=model_id(config),
+                messages=messages,
+                api_base=config.litellm_base_url,
+                api_key=config.litellm_developer_key,
+                client=client,
                 extra_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
-                timeout=left, max_retries=0, max_tokens=config.ledger_bot_max_output_tokens,
-                stream=True, stream_options={"include_usage": True}, user=user, extra_body=extra_body)
+                timeout=left,
+                max_retries=0,
+                max_tokens=config.ledger_bot_max_output_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                user=user,
+                extra_body=extra_body,
+            )
             break
-        except Exception as exc:  # noqa: BLE001 - every gateway error becomes a classified failure
+        except Exception as exc:
             failure = classify_llm_error(exc)
             delay = _retry_delay(exc, failure, attempt, config)
             if delay is None or time.monotonic() + delay >= first_token_by:
                 raise failure from exc
             attempt += 1
-            log_event(logging.INFO, "llm_retry", attempt=attempt, after_s=round(delay, 2), error=failure.detail)
+            log_event(
+                logging.INFO,
+                "llm_retry",
+                attempt=attempt,
+                after_s=round(delay, 2),
+                error=failure.detail,
+            )
             time.sleep(delay)
     raw = getattr(response, "completion_stream", None) or response
     try:
         for chunk in _sse_chunks(raw):
             if time.monotonic() > answer_by:
-                raise LLMFailure("timeout", f"answer exceeded {config.ledger_bot_answer_max_seconds}s")
+                raise LLMFailure(
+                    "timeout", f"answer exceeded {config.ledger_bot_answer_max_seconds}s"
+                )
             choices = chunk.get("choices") or []
             if choices:
                 text = (choices[0].get("delta") or {}).get("content")
@@ -1885,7 +2363,7 @@ def stream_completion(config: Config, messages: list[dict], usage: Usage, *, cli
                 _read_usage(chunk["usage"], usage)
     except LLMFailure:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise classify_llm_error(exc) from exc
     finally:
         close = getattr(raw, "close", None)
@@ -1902,7 +2380,9 @@ class StreamedError(Exception):
         super().__init__(str(body.get("message") or "error event in the stream"))
         self.body = body
         code = body.get("code")
-        self.status_code = int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
+        self.status_code = (
+            int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
+        )
 
 
 def _sse_chunks(raw: Any) -> Iterator[dict]:
@@ -1933,9 +2413,14 @@ def _read_usage(reported: dict, usage: Usage) -> None:
     usage.prompt_tokens = reported.get("prompt_tokens") or usage.prompt_tokens
     usage.completion_tokens = reported.get("completion_tokens") or usage.completion_tokens
     details = reported.get("prompt_tokens_details") or {}
-    usage.cached_tokens = (details.get("cached_tokens") or reported.get("cache_read_input_tokens")
-                           or usage.cached_tokens)
-    usage.cache_creation_tokens = reported.get("cache_creation_input_tokens") or usage.cache_creation_tokens
+    usage.cached_tokens = (
+        details.get("cached_tokens")
+        or reported.get("cache_read_input_tokens")
+        or usage.cached_tokens
+    )
+    usage.cache_creation_tokens = (
+        reported.get("cache_creation_input_tokens") or usage.cache_creation_tokens
+    )
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1962,12 +2447,28 @@ def feedback_blocks(ref: str, serial: int) -> list[dict]:
     """Slack's native 👍/👎 (``feedback_buttons`` in a ``context_actions`` block). The value
     says the vote and the answer's ref; ``block_id`` is unique per message and per update."""
     button = {"type": "plain_text", "text": "👍"}
-    return [{"type": "context_actions", "block_id": f"lb_feedback_{ref}_{serial}", "elements": [{
-        "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
-        "positive_button": {"text": button, "value": f"up:{ref}", "accessibility_label": "Helpful"},
-        "negative_button": {"text": {**button, "text": "👎"}, "value": f"down:{ref}",
-                            "accessibility_label": "Not helpful"},
-    }]}]
+    return [
+        {
+            "type": "context_actions",
+            "block_id": f"lb_feedback_{ref}_{serial}",
+            "elements": [
+                {
+                    "type": "feedback_buttons",
+                    "action_id": FEEDBACK_ACTION,
+                    "positive_button": {
+                        "text": button,
+                        "value": f"up:{ref}",
+                        "accessibility_label": "Helpful",
+                    },
+                    "negative_button": {
+                        "text": {**button, "text": "👎"},
+                        "value": f"down:{ref}",
+                        "accessibility_label": "Not helpful",
+                    },
+                }
+            ],
+        }
+    ]
 
 
 def _mrkdwn_escape(text: str) -> str:
@@ -1977,9 +2478,15 @@ def _mrkdwn_escape(text: str) -> str:
 def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
     """A small context line naming the documents an answer cited; a link where the document
     declared ``source_url``."""
-    names = [f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label) for s in sections]
-    return {"type": "context", "block_id": f"lb_sources_{ref}_{serial}",
-            "elements": [{"type": "mrkdwn", "text": "Sources: " + " · ".join(names)}]}
+    names = [
+        f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label)
+        for s in sections
+    ]
+    return {
+        "type": "context",
+        "block_id": f"lb_sources_{ref}_{serial}",
+        "elements": [{"type": "mrkdwn", "text": "Sources: " + " · ".join(names)}],
+    }
 
 
 class StoppedByUser(Exception):
@@ -2024,8 +2531,19 @@ class Reply:
     fallback cannot absorb escape as SlackError.
     """
 
-    def __init__(self, api: SlackApi, question: Question, ref: str, *, streaming: bool, flush_chars: int,
-                 flush_seconds: float, feedback: bool, received: float, metrics: Metrics):
+    def __init__(
+        self,
+        api: SlackApi,
+        question: Question,
+        ref: str,
+        *,
+        streaming: bool,
+        flush_chars: int,
+        flush_seconds: float,
+        feedback: bool,
+        received: float,
+        metrics: Metrics,
+    ):
         self.api = api
         self.q = question
         self.ref = ref
@@ -2056,8 +2574,13 @@ class Reply:
         if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
             self.status_at = time.monotonic()
             return
-        ts = self.api.post_message(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=PLACEHOLDER_TEXT,
-                                   metadata_type=NOTICE_METADATA, ref=self.ref)
+        ts = self.api.post_message(
+            channel=self.q.channel,
+            thread_ts=self.q.thread_ts,
+            markdown=PLACEHOLDER_TEXT,
+            metadata_type=NOTICE_METADATA,
+            ref=self.ref,
+        )
         self.visible = _Visible(ts)
         self.use_stream = False
 
@@ -2082,8 +2605,12 @@ class Reply:
             due = bool(self.pending) and not self.closed and self._time_due()
         if due:
             self._deliver(final=False, wait=False)
-        elif (not self.shown_any and self.status_at is not None
-              and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS and self._turn.acquire(blocking=False)):
+        elif (
+            not self.shown_any
+            and self.status_at is not None
+            and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS
+            and self._turn.acquire(blocking=False)
+        ):
             try:
                 if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
                     self.status_at = time.monotonic()
@@ -2100,8 +2627,13 @@ class Reply:
             self.pending += text
             if not (self.shown_any or self.pending.strip()):
                 self.pending = EMPTY_ANSWER
-        self._deliver(final=True, wait=True, metadata_type=ANSWER_METADATA, feedback=self.feedback,
-                      sources=sources or [])
+        self._deliver(
+            final=True,
+            wait=True,
+            metadata_type=ANSWER_METADATA,
+            feedback=self.feedback,
+            sources=sources or [],
+        )
 
     def fail(self, notice: str) -> bool:
         """End the reply with ``notice`` after whatever text was already shown. False (and
@@ -2122,8 +2654,15 @@ class Reply:
 
     # -- the worker ---------------------------------------------------------------------------
 
-    def _deliver(self, *, final: bool, wait: bool, metadata_type: str = ANSWER_METADATA, feedback: bool = False,
-                 sources: list[Section] | None = None) -> None:
+    def _deliver(
+        self,
+        *,
+        final: bool,
+        wait: bool,
+        metadata_type: str = ANSWER_METADATA,
+        feedback: bool = False,
+        sources: list[Section] | None = None,
+    ) -> None:
         """Send pending text to Slack. Takes ``_turn`` (waiting for it only if ``wait``), moves
         the pending text to ``_out`` under ``_lock``, and puts back what could not go out yet.
         ``final`` sends everything, waiting for rate budget, ends the last message, and never
@@ -2135,7 +2674,12 @@ class Reply:
                 self._out, self.pending = self.pending, ""
             self.last_flush = time.monotonic()
             try:
-                self._send(final=final, metadata_type=metadata_type, feedback=feedback, sources=sources or [])
+                self._send(
+                    final=final,
+                    metadata_type=metadata_type,
+                    feedback=feedback,
+                    sources=sources or [],
+                )
             except SlackError as e:
                 if e.code in STOPPED_CODES:
                     self._stopped()
@@ -2158,11 +2702,18 @@ class Reply:
             self.pending = self._out = ""
         if self.visible is not None and self.visible.streaming:
             with contextlib.suppress(SlackError):
-                self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, metadata_type=ANSWER_METADATA,
-                                     ref=self.ref, wait=5)
+                self.api.stop_stream(
+                    channel=self.q.channel,
+                    ts=self.visible.ts,
+                    metadata_type=ANSWER_METADATA,
+                    ref=self.ref,
+                    wait=5,
+                )
             self.visible.streaming = False
 
-    def _send(self, *, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+    def _send(
+        self, *, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
+    ) -> None:
         """Write ``_out`` into the visible message and its successors, removing from ``_out``
         what Slack accepted. Holder of ``_turn`` only."""
         if self.use_stream and (self.visible is None or self.visible.streaming):
@@ -2173,11 +2724,19 @@ class Reply:
                 if self.visible is not None:
                     raise  # mid-stream: the text waits for budget (coalescing)
                 self.use_stream = False  # no stream could start: messages from now on
-                log_event(logging.INFO, "stream_degraded", ref=self.ref, reason="stream budget spent")
+                log_event(
+                    logging.INFO, "stream_degraded", ref=self.ref, reason="stream budget spent"
+                )
             except SlackError as e:
                 if e.code in STOPPED_CODES:
                     raise
-                log_event(logging.WARNING, "stream_fallback", ref=self.ref, channel=self.q.channel, error=e.code)
+                log_event(
+                    logging.WARNING,
+                    "stream_fallback",
+                    ref=self.ref,
+                    channel=self.q.channel,
+                    error=e.code,
+                )
                 self._abandon_stream()
         self._send_messages(final, metadata_type, feedback, sources)
 
@@ -2187,23 +2746,38 @@ class Reply:
         self.use_stream = False
         if self.visible is not None and self.visible.streaming:
             try:
-                self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, metadata_type=NOTICE_METADATA,
-                                     ref=self.ref, wait=30)
+                self.api.stop_stream(
+                    channel=self.q.channel,
+                    ts=self.visible.ts,
+                    metadata_type=NOTICE_METADATA,
+                    ref=self.ref,
+                    wait=30,
+                )
             except SlackError as e:
                 if e.code not in STREAM_GONE_CODES:
                     log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
             self.visible.streaming = False
 
-    def _send_stream(self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+    def _send_stream(
+        self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
+    ) -> None:
         while True:
             shown = self.visible.shown if self.visible else ""
-            send, rest, end = next_piece(shown, self._out, limit=MARKDOWN_LIMIT, soft_zone=_SOFT_ZONE)
+            send, rest, end = next_piece(
+                shown, self._out, limit=MARKDOWN_LIMIT, soft_zone=_SOFT_ZONE
+            )
             last = final and not end
             if self.visible is None:
                 if not send:
                     return
-                ts = self.api.start_stream(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=send,
-                                           user=self.q.user, team=self.q.team, wait=30 if final else 0)
+                ts = self.api.start_stream(
+                    channel=self.q.channel,
+                    thread_ts=self.q.thread_ts,
+                    markdown=send,
+                    user=self.q.user,
+                    team=self.q.team,
+                    wait=30 if final else 0,
+                )
                 self.visible = _Visible(ts, send, streaming=True)
                 self._shown(send)
                 self._out = rest
@@ -2212,23 +2786,32 @@ class Reply:
                 send = ""
             elif not (end or last):
                 if send:
-                    self.api.append_stream(channel=self.q.channel, ts=self.visible.ts, markdown=send)
+                    self.api.append_stream(
+                        channel=self.q.channel, ts=self.visible.ts, markdown=send
+                    )
                     self.visible.shown += send
                     self._shown(send)
                     self._out = rest
                 return
             # This message ends here, with ``send`` as its last text.
-            self.api.stop_stream(channel=self.q.channel, ts=self.visible.ts, markdown=send,
-                                 metadata_type=metadata_type if last else ANSWER_METADATA, ref=self.ref,
-                                 extra_blocks=self._closing_blocks(feedback, sources) if last else None,
-                                 wait=60 if final else 5)
+            self.api.stop_stream(
+                channel=self.q.channel,
+                ts=self.visible.ts,
+                markdown=send,
+                metadata_type=metadata_type if last else ANSWER_METADATA,
+                ref=self.ref,
+                extra_blocks=self._closing_blocks(feedback, sources) if last else None,
+                wait=60 if final else 5,
+            )
             self._shown(send)
             self.visible = None
             self._out = rest
             if last:
                 return
 
-    def _send_messages(self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]) -> None:
+    def _send_messages(
+        self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
+    ) -> None:
         """Without a stream: grow the visible message (a placeholder, or a stream that was
         abandoned) in place with chat.update, at most once a second, only while it fits and the
         budget is free; at the end put what is left into it and into as many posted messages
@@ -2238,10 +2821,19 @@ class Reply:
             if v is None:
                 return  # nothing to grow yet: the status shows, the text goes out at the end
             combined = v.shown + text
-            if len(combined) <= MARKDOWN_LIMIT and time.monotonic() - self.last_update >= MESSAGE_UPDATE_INTERVAL:
+            if (
+                len(combined) <= MARKDOWN_LIMIT
+                and time.monotonic() - self.last_update >= MESSAGE_UPDATE_INTERVAL
+            ):
                 self.last_update = time.monotonic()
-                self.api.update_message(channel=self.q.channel, ts=v.ts, markdown=combined,
-                                        metadata_type=NOTICE_METADATA, ref=self.ref, wait=0)
+                self.api.update_message(
+                    channel=self.q.channel,
+                    ts=v.ts,
+                    markdown=combined,
+                    metadata_type=NOTICE_METADATA,
+                    ref=self.ref,
+                    wait=0,
+                )
                 v.shown, self._out = combined, ""
                 self._shown(text)
             return
@@ -2250,9 +2842,14 @@ class Reply:
         if v is not None:
             pieces = split_message(v.shown + text, MARKDOWN_LIMIT)
             try:
-                self.api.update_message(channel=self.q.channel, ts=v.ts, markdown=pieces[0],
-                                        metadata_type=metadata_type, ref=self.ref,
-                                        extra_blocks=closing if len(pieces) == 1 else None)
+                self.api.update_message(
+                    channel=self.q.channel,
+                    ts=v.ts,
+                    markdown=pieces[0],
+                    metadata_type=metadata_type,
+                    ref=self.ref,
+                    extra_blocks=closing if len(pieces) == 1 else None,
+                )
                 self._shown(pieces[0])
                 rest = pieces[1:]
             except SlackError as e:
@@ -2266,15 +2863,20 @@ class Reply:
         else:
             rest = split_message(text, MARKDOWN_LIMIT) if text.strip() else []
         for i, piece in enumerate(rest):
-            self.api.post_message(channel=self.q.channel, thread_ts=self.q.thread_ts, markdown=piece,
-                                  metadata_type=metadata_type, ref=self.ref,
-                                  extra_blocks=closing if i == len(rest) - 1 else None)
+            self.api.post_message(
+                channel=self.q.channel,
+                thread_ts=self.q.thread_ts,
+                markdown=piece,
+                metadata_type=metadata_type,
+                ref=self.ref,
+                extra_blocks=closing if i == len(rest) - 1 else None,
+            )
             self._shown(piece)
         self._out = ""
 
     def _closing_blocks(self, feedback: bool, sources: list[Section]) -> list[dict] | None:
         self._serial += 1
-        blocks = ([sources_block(sources, self.ref, self._serial)] if sources else [])
+        blocks = [sources_block(sources, self.ref, self._serial)] if sources else []
         blocks += feedback_blocks(self.ref, self._serial) if feedback else []
         return blocks or None
 
@@ -2318,7 +2920,7 @@ class Flusher:
             for reply in replies:
                 try:
                     reply.flush_if_due()
-                except Exception:  # noqa: BLE001 - the flusher must outlive any one reply
+                except Exception:
                     log.exception("flush_failed")
 
 
@@ -2336,7 +2938,9 @@ class Outcome:
     level: int
 
 
-_MISCONFIGURED = "Sorry, I'm misconfigured ({}), so I can't answer right now. The team has been alerted."
+_MISCONFIGURED = (
+    "Sorry, I'm misconfigured ({}), so I can't answer right now. The team has been alerted."
+)
 RESTART_NOTICE = "I'm restarting and couldn't finish this answer. Please ask again in a moment."
 
 # Every way a question ends, in one table: adding one is one edit here (plus its meaning in
@@ -2346,34 +2950,67 @@ OUTCOMES: dict[str, Outcome] = {
     "ok": Outcome(None, logging.INFO),
     "stopped_by_user": Outcome(None, logging.INFO),
     "interrupted": Outcome(RESTART_NOTICE, logging.WARNING),
-    "timeout": Outcome("Sorry, the model took too long to answer and the request timed out. "
-                       "Please try again in a moment.", logging.WARNING),
-    "rate_limited": Outcome("Sorry, the LLM gateway is rate limiting me right now. Please try again in a minute.",
-                            logging.WARNING),
-    "gateway_error": Outcome("Sorry, the LLM gateway is down or returned an error, so I couldn't answer. "
-                             "Please try again shortly.", logging.WARNING),
-    "gateway_auth_error": Outcome(_MISCONFIGURED.format("the LLM gateway refused my key"), logging.ERROR),
-    "gateway_config_error": Outcome(_MISCONFIGURED.format("the LLM gateway rejected my model or request"),
-                                    logging.ERROR),
-    "gateway_budget_exhausted": Outcome("Sorry, ledger-bot's LLM gateway budget is spent, so I can't answer until "
-                                        "it resets or the team raises it.", logging.ERROR),
-    "content_policy": Outcome("Sorry, the model declined to answer this. Please rephrase the question.",
-                              logging.INFO),
-    "context_too_long": Outcome("Sorry, this question plus the thread is too long for the model. "
-                                "Please start a new thread with a shorter question.", logging.WARNING),
-    "slack_error": Outcome("Sorry, Slack returned an error while I was answering, so this reply may be "
-                           "incomplete. Please ask again.", logging.WARNING),
-    "internal_error": Outcome("Sorry, something went wrong on my side while answering. Please try again.",
-                              logging.ERROR),
-    "busy": Outcome("I'm busy with other questions right now. Please try again in a minute.", logging.WARNING),
-    "user_rate_limited": Outcome("You're asking faster than my per-person limit. Please try again in a minute.",
-                                 logging.INFO),
-    "user_budget_exhausted": Outcome("Sorry, you've used today's per-person LLM budget for ledger-bot. "
-                                     "It resets at 00:00 UTC.", logging.INFO),
-    "fleet_budget_exhausted": Outcome("Sorry, today's LLM budget for ledger-bot is spent. It resets at 00:00 UTC; "
-                                      "please ask again then.", logging.WARNING),
-    "not_allowed": Outcome("Sorry, I'm not enabled here: this channel or user is not on my allow-list. "
-                           "The BOR Write team (@bor-write-eng) can enable it.", logging.INFO),
+    "timeout": Outcome(
+        "Sorry, the model took too long to answer and the request timed out. "
+        "Please try again in a moment.",
+        logging.WARNING,
+    ),
+    "rate_limited": Outcome(
+        "Sorry, the LLM gateway is rate limiting me right now. Please try again in a minute.",
+        logging.WARNING,
+    ),
+    "gateway_error": Outcome(
+        "Sorry, the LLM gateway is down or returned an error, so I couldn't answer. "
+        "Please try again shortly.",
+        logging.WARNING,
+    ),
+    "gateway_auth_error": Outcome(
+        _MISCONFIGURED.format("the LLM gateway refused my key"), logging.ERROR
+    ),
+    "gateway_config_error": Outcome(
+        _MISCONFIGURED.format("the LLM gateway rejected my model or request"), logging.ERROR
+    ),
+    "gateway_budget_exhausted": Outcome(
+        "Sorry, ledger-bot's LLM gateway budget is spent, so I can't answer until "
+        "it resets or the team raises it.",
+        logging.ERROR,
+    ),
+    "content_policy": Outcome(
+        "Sorry, the model declined to answer this. Please rephrase the question.", logging.INFO
+    ),
+    "context_too_long": Outcome(
+        "Sorry, this question plus the thread is too long for the model. "
+        "Please start a new thread with a shorter question.",
+        logging.WARNING,
+    ),
+    "slack_error": Outcome(
+        "Sorry, Slack returned an error while I was answering, so this reply may be "
+        "incomplete. Please ask again.",
+        logging.WARNING,
+    ),
+    "internal_error": Outcome(
+        "Sorry, something went wrong on my side while answering. Please try again.", logging.ERROR
+    ),
+    "busy": Outcome(
+        "I'm busy with other questions right now. Please try again in a minute.", logging.WARNING
+    ),
+    "user_rate_limited": Outcome(
+        "You're asking faster than my per-person limit. Please try again in a minute.", logging.INFO
+    ),
+    "user_budget_exhausted": Outcome(
+        "Sorry, you've used today's per-person LLM budget for ledger-bot. It resets at 00:00 UTC.",
+        logging.INFO,
+    ),
+    "fleet_budget_exhausted": Outcome(
+        "Sorry, today's LLM budget for ledger-bot is spent. It resets at 00:00 UTC; "
+        "please ask again then.",
+        logging.WARNING,
+    ),
+    "not_allowed": Outcome(
+        "Sorry, I'm not enabled here: this channel or user is not on my allow-list. "
+        "The BOR Write team (@bor-write-eng) can enable it.",
+        logging.INFO,
+    ),
 }
 
 
@@ -2464,7 +3101,7 @@ class Limits:
         self._spent_by_user: dict[str, float] = {}
 
     def _today(self) -> None:
-        day = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).date().isoformat()
+        day = dt.datetime.fromtimestamp(self.clock(), dt.UTC).date().isoformat()
         if day != self._day:
             self._day, self._spent_total, self._spent_by_user = day, 0.0, {}
 
@@ -2486,8 +3123,11 @@ class Limits:
                     asked.popleft()
                 if len(asked) >= c.ledger_bot_user_rate_limit:
                     wait = max(1, math.ceil(asked[0] + window - now))
-                    return Refusal("user_rate_limited", f"You've asked {len(asked)} questions in the last "
-                                                        f"{_duration(window)}. Please try again in {_duration(wait)}.")
+                    return Refusal(
+                        "user_rate_limited",
+                        f"You've asked {len(asked)} questions in the last "
+                        f"{_duration(window)}. Please try again in {_duration(wait)}.",
+                    )
                 asked.append(now)
             if len(self._asked) > 10_000:  # forget idle users so memory stays bounded
                 idle = now - c.ledger_bot_user_rate_window_seconds
@@ -2502,7 +3142,9 @@ class Limits:
             self._today()
             delta = usd - reservation.usd
             self._spent_total = max(0.0, self._spent_total + delta)
-            self._spent_by_user[reservation.user] = max(0.0, self._spent_by_user.get(reservation.user, 0.0) + delta)
+            self._spent_by_user[reservation.user] = max(
+                0.0, self._spent_by_user.get(reservation.user, 0.0) + delta
+            )
             reservation.usd = usd
 
 
@@ -2573,7 +3215,9 @@ class ThreadVerdicts:
             self._verdicts.popitem(last=False)
 
 
-QUERY_THREAD_MESSAGES = 4  # how many recent thread messages join the question in the retrieval query
+QUERY_THREAD_MESSAGES = (
+    4  # how many recent thread messages join the question in the retrieval query
+)
 
 
 def retrieval_query(question_text: str, thread: list[dict]) -> str:
@@ -2587,16 +3231,28 @@ def knowledge_budget(config: Config) -> int:
     return int(config.ledger_bot_context_tokens * config.ledger_bot_knowledge_share)
 
 
-def build_prompt(config: Config, kb: KnowledgeBase, question: Question, thread: list[dict], me: BotIdentity,
-                 count: Callable[[str], int]) -> tuple[list[dict], KnowledgeChoice]:
+def build_prompt(
+    config: Config,
+    kb: KnowledgeBase,
+    question: Question,
+    thread: list[dict],
+    me: BotIdentity,
+    count: Callable[[str], int],
+) -> tuple[list[dict], KnowledgeChoice]:
     """The one prompt pipeline (Slack, ``--ask`` and ``--eval`` alike): knowledge retrieved for
     the question and the thread's last messages, then the thread turned into chat messages."""
     choice = kb.choose(retrieval_query(question.text, thread), knowledge_budget(config), count)
     messages = build_llm_messages(
-        question=question, thread=thread, me=me, system_prompt=SYSTEM_PROMPT,
-        max_messages=config.ledger_bot_history_max_messages, max_chars=config.ledger_bot_history_max_chars,
-        knowledge=choice, token_budget=config.ledger_bot_context_tokens - config.ledger_bot_max_output_tokens,
-        count_tokens=count)
+        question=question,
+        thread=thread,
+        me=me,
+        system_prompt=SYSTEM_PROMPT,
+        max_messages=config.ledger_bot_history_max_messages,
+        max_chars=config.ledger_bot_history_max_chars,
+        knowledge=choice,
+        token_budget=config.ledger_bot_context_tokens - config.ledger_bot_max_output_tokens,
+        count_tokens=count,
+    )
     return messages, choice
 
 
@@ -2614,8 +3270,16 @@ class Answerer:
     the replies still being written with RESTART_NOTICE (each job is settled once).
     """
 
-    def __init__(self, config: Config, api: SlackApi, me: BotIdentity, knowledge: KnowledgeStore, limits: Limits,
-                 metrics: Metrics, llm_client: Any = None):
+    def __init__(
+        self,
+        config: Config,
+        api: SlackApi,
+        me: BotIdentity,
+        knowledge: KnowledgeStore,
+        limits: Limits,
+        metrics: Metrics,
+        llm_client: Any = None,
+    ):
         self.config = config
         self.api = api
         self.me = me
@@ -2634,8 +3298,13 @@ class Answerer:
         the longest answer allowed."""
         if self._reserve_usd is None:
             c = self.config
-            self._reserve_usd = cost_usd(c, Usage(prompt_tokens=min(c.ledger_bot_context_tokens, 20_000),
-                                                  completion_tokens=c.ledger_bot_max_output_tokens))
+            self._reserve_usd = cost_usd(
+                c,
+                Usage(
+                    prompt_tokens=min(c.ledger_bot_context_tokens, 20_000),
+                    completion_tokens=c.ledger_bot_max_output_tokens,
+                ),
+            )
         return self._reserve_usd
 
     def answer(self, job: Job) -> str:
@@ -2652,27 +3321,51 @@ class Answerer:
                 self.refuse(job, admitted.outcome, admitted.notice)
             return admitted.outcome
         c = self.config
-        reply = Reply(self.api, q, job.ref, streaming=c.ledger_bot_streaming, flush_chars=c.ledger_bot_stream_flush_chars,
-                      flush_seconds=c.ledger_bot_stream_flush_seconds, feedback=c.ledger_bot_feedback,
-                      received=job.received, metrics=self.metrics)
+        reply = Reply(
+            self.api,
+            q,
+            job.ref,
+            streaming=c.ledger_bot_streaming,
+            flush_chars=c.ledger_bot_stream_flush_chars,
+            flush_seconds=c.ledger_bot_stream_flush_seconds,
+            feedback=c.ledger_bot_feedback,
+            received=job.received,
+            metrics=self.metrics,
+        )
         with self._open_lock:
             self._open[job.ref] = (job, reply)
-        usage, shown_text, messages = Usage(), [], []
-        outcome, detail, cited = "ok", None, []
+        usage, shown_text = Usage(), []
+        messages: list[dict] = []
+        outcome, detail = "ok", None
+        cited: list[Section] = []
         choice: KnowledgeChoice | None = None
         try:
             reply.show_feedback()
             self.metrics.first_feedback.observe(time.monotonic() - job.received)
-            thread = (self.api.fetch_thread(channel=q.channel, thread_ts=q.thread_ts,
-                                            max_messages=c.ledger_bot_history_max_messages) if q.in_thread else [])
+            thread = (
+                self.api.fetch_thread(
+                    channel=q.channel,
+                    thread_ts=q.thread_ts,
+                    max_messages=c.ledger_bot_history_max_messages,
+                )
+                if q.in_thread
+                else []
+            )
             kb = self.knowledge.current()
             messages, choice = build_prompt(c, kb, q, thread, self.me, token_counter(c))
             messages, files_note = self._attach_images(q, messages)
-            log_event(logging.DEBUG, "knowledge_chosen", ref=job.ref, whole=choice.whole, sections=list(choice.labels))
+            log_event(
+                logging.DEBUG,
+                "knowledge_chosen",
+                ref=job.ref,
+                whole=choice.whole,
+                sections=list(choice.labels),
+            )
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
             text = AnswerText()
-            stream = stream_completion(c, messages, usage, client=self.llm_client,
-                                       user=gateway_user(c, q.team, q.user))
+            stream = stream_completion(
+                c, messages, usage, client=self.llm_client, user=gateway_user(c, q.team, q.user)
+            )
             try:
                 with self.flusher.watching(reply):
                     for chunk in stream:
@@ -2688,7 +3381,7 @@ class Answerer:
                 raise StoppedByUser()
             if c.ledger_bot_follow_ups and q.in_thread:
                 self.verdicts.remember(q.channel, q.thread_ts)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome and a notice
+        except Exception as exc:
             outcome, detail = outcome_of(exc)
             if outcome == "internal_error":
                 log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
@@ -2717,13 +3410,16 @@ class Answerer:
         c = self.config
         if not q.files:
             return messages, ""
-        chosen, skipped = choose_images(q.files, max_count=c.ledger_bot_image_max_count,
-                                        max_bytes=c.ledger_bot_image_max_bytes)
+        chosen, skipped = choose_images(
+            q.files, max_count=c.ledger_bot_image_max_count, max_bytes=c.ledger_bot_image_max_bytes
+        )
         loaded, unreadable = [], []
         for f in chosen:
             try:
-                data, kind = self.api.download(str(f.get("url_private_download") or f.get("url_private")),
-                                               max_bytes=c.ledger_bot_image_max_bytes)
+                data, kind = self.api.download(
+                    str(f.get("url_private_download") or f.get("url_private")),
+                    max_bytes=c.ledger_bot_image_max_bytes,
+                )
                 loaded.append((kind if kind in IMAGE_TYPES else str(f["mimetype"]), data))
             except SlackError as e:
                 unreadable.append(str(f.get("name") or f.get("id")))
@@ -2755,17 +3451,32 @@ class Answerer:
             ended += 1
         return ended
 
-    def refuse(self, job: Job, outcome: str, notice: str | None = None, *, post: bool = True) -> None:
+    def refuse(
+        self, job: Job, outcome: str, notice: str | None = None, *, post: bool = True
+    ) -> None:
         """Turn a question away: count and log it, and post its notice in the thread."""
         q = job.question
         self.metrics.answers.labels(outcome=outcome).inc()
-        log_event(OUTCOMES[outcome].level, "answer", ref=job.ref, channel=q.channel, user=q.user, latency_ms=0,
-                  outcome=outcome, event_id=q.event_id, kind=q.kind)
+        log_event(
+            OUTCOMES[outcome].level,
+            "answer",
+            ref=job.ref,
+            channel=q.channel,
+            user=q.user,
+            latency_ms=0,
+            outcome=outcome,
+            event_id=q.event_id,
+            kind=q.kind,
+        )
         if post and (notice or OUTCOMES[outcome].notice):
             try:
-                self.api.post_message(channel=q.channel, thread_ts=q.thread_ts, markdown=notice_text(outcome, job.ref,
-                                                                                                     notice),
-                                      metadata_type=NOTICE_METADATA, ref=job.ref)
+                self.api.post_message(
+                    channel=q.channel,
+                    thread_ts=q.thread_ts,
+                    markdown=notice_text(outcome, job.ref, notice),
+                    metadata_type=NOTICE_METADATA,
+                    ref=job.ref,
+                )
             except SlackError as e:
                 log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
 
@@ -2776,8 +3487,16 @@ class Answerer:
             return False
         return root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
 
-    def _record(self, job: Job, outcome: str, error: str | None, usage: Usage, cost: float,
-                choice: KnowledgeChoice | None, cited: list[Section]) -> None:
+    def _record(
+        self,
+        job: Job,
+        outcome: str,
+        error: str | None,
+        usage: Usage,
+        cost: float,
+        choice: KnowledgeChoice | None,
+        cited: list[Section],
+    ) -> None:
         latency = time.monotonic() - job.received
         m = self.metrics
         m.answers.labels(outcome=outcome).inc()
@@ -2788,14 +3507,25 @@ class Answerer:
         if outcome == "ok":
             m.sources.labels(cited="yes" if cited else "no").inc()
         log_event(
-            OUTCOMES[outcome].level, "answer",
-            ref=job.ref, channel=job.question.channel, user=job.question.user,
+            OUTCOMES[outcome].level,
+            "answer",
+            ref=job.ref,
+            channel=job.question.channel,
+            user=job.question.user,
             latency_ms=round(latency * 1000),
-            tokens={"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "cached": usage.cached_tokens,
-                    "estimated": usage.estimated},
-            cost_usd=round(cost, 6), outcome=outcome, error=error,
-            event_id=job.question.event_id, kind=job.question.kind,
-            knowledge_sections=len(choice.sections) if choice else 0, sources=[s.label for s in cited],
+            tokens={
+                "prompt": usage.prompt_tokens,
+                "completion": usage.completion_tokens,
+                "cached": usage.cached_tokens,
+                "estimated": usage.estimated,
+            },
+            cost_usd=round(cost, 6),
+            outcome=outcome,
+            error=error,
+            event_id=job.question.event_id,
+            kind=job.question.kind,
+            knowledge_sections=len(choice.sections) if choice else 0,
+            sources=[s.label for s in cited],
         )
 
     def close(self) -> None:
@@ -2820,8 +3550,10 @@ class SeenSet:
         """Record ``keys``; False (recording nothing) if any of them was seen recently."""
         now = time.monotonic()
         with self._lock:
-            while self._items and (len(self._items) >= self.max_items
-                                   or next(iter(self._items.values())) < now - self.ttl):
+            while self._items and (
+                len(self._items) >= self.max_items
+                or next(iter(self._items.values())) < now - self.ttl
+            ):
                 self._items.popitem(last=False)
             if any(k in self._items for k in keys):
                 return False
@@ -2852,7 +3584,7 @@ class Notifier:
         while (task := self._queue.get()) is not None:
             try:
                 task()
-            except Exception:  # noqa: BLE001 - one failed notice must not stop the others
+            except Exception:
                 log.exception("notice_failed")
 
     def close(self, timeout: float) -> None:
@@ -2874,8 +3606,15 @@ class Dispatcher:
     LEDGER_BOT_ALLOWED_USERS alone (a DM has no channel anyone could allow-list).
     """
 
-    def __init__(self, config: Config, me: BotIdentity, answerer: Answerer, pool: WorkerPool, notifier: Notifier,
-                 metrics: Metrics):
+    def __init__(
+        self,
+        config: Config,
+        me: BotIdentity,
+        answerer: Answerer,
+        pool: WorkerPool,
+        notifier: Notifier,
+        metrics: Metrics,
+    ):
         self.config = config
         self.me = me
         self.answerer = answerer
@@ -2890,8 +3629,15 @@ class Dispatcher:
         self.assistant_threads: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.titled = SeenSet(ttl_seconds=7 * 24 * 3600)
 
-    def dispatch(self, envelope_type: str, payload: dict, received: float, *, envelope_id: str = "",
-                 retry_attempt: int | None = None) -> None:
+    def dispatch(
+        self,
+        envelope_type: str,
+        payload: dict,
+        received: float,
+        *,
+        envelope_id: str = "",
+        retry_attempt: int | None = None,
+    ) -> None:
         """Route one acked envelope; see the class docstring. Every envelope type the bot
         handles is named here, and nowhere else."""
         if envelope_type == "interactive":
@@ -2900,7 +3646,10 @@ class Dispatcher:
                 self._on_block_actions(payload)
             elif kind == "message_action" and payload.get("callback_id") == SHORTCUT_CALLBACK:
                 self._on_shortcut(payload)
-            elif kind == "view_submission" and (payload.get("view") or {}).get("callback_id") == MODAL_CALLBACK:
+            elif (
+                kind == "view_submission"
+                and (payload.get("view") or {}).get("callback_id") == MODAL_CALLBACK
+            ):
                 self._on_modal(payload, received)
             else:
                 self.metrics.events.labels(type="other", outcome="ignored").inc()
@@ -2923,30 +3672,59 @@ class Dispatcher:
             event = msgspec.convert(raw_event, SlackEvent, strict=False)
         except msgspec.ValidationError as e:
             self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
-            log_event(logging.WARNING, "event_rejected", event_id=event_id, reason="malformed", error=str(e))
+            log_event(
+                logging.WARNING,
+                "event_rejected",
+                event_id=event_id,
+                reason="malformed",
+                error=str(e),
+            )
             return
-        verdict = classify_event(event_type, event, event_id, str(payload.get("team_id") or ""), self.me,
-                                 follow_ups=self.config.ledger_bot_follow_ups)
+        verdict = classify_event(
+            event_type,
+            event,
+            event_id,
+            str(payload.get("team_id") or ""),
+            self.me,
+            follow_ups=self.config.ledger_bot_follow_ups,
+        )
         if isinstance(verdict, Ignored):
             self.metrics.events.labels(type=metric_type, outcome="ignored").inc()
             log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
             return
         # One answer per event (Slack redelivers) and per message (a mention can also arrive as
         # a `message` event). An event without an id is known by its envelope and message.
-        keys = [f"msg:{verdict.channel}:{verdict.ts}", f"event:{event_id}" if event_id else f"envelope:{envelope_id}"]
-        if self._take(verdict, received, metric_type, keys, retry_attempt) and verdict.kind == "dm" \
-                and verdict.in_thread:
+        keys = [
+            f"msg:{verdict.channel}:{verdict.ts}",
+            f"event:{event_id}" if event_id else f"envelope:{envelope_id}",
+        ]
+        if (
+            self._take(verdict, received, metric_type, keys, retry_attempt)
+            and verdict.kind == "dm"
+            and verdict.in_thread
+        ):
             self._title_assistant_thread(verdict)
 
-    def _take(self, q: Question, received: float, metric_type: str, keys: list[str],
-              retry_attempt: int | None = None) -> bool:
+    def _take(
+        self,
+        q: Question,
+        received: float,
+        metric_type: str,
+        keys: list[str],
+        retry_attempt: int | None = None,
+    ) -> bool:
         """The policy every question meets, whatever door it came in by: once only, allow-lists,
         then the queue (or "busy"). Limits and budgets are the worker's (one admit, after a
         successful submit). True if queued."""
         if not self.seen.add(*keys):
             self.metrics.events.labels(type=metric_type, outcome="duplicate").inc()
-            log_event(logging.INFO, "event_duplicate", event_id=q.event_id, channel=q.channel,
-                      retry_attempt=retry_attempt)
+            log_event(
+                logging.INFO,
+                "event_duplicate",
+                event_id=q.event_id,
+                channel=q.channel,
+                retry_attempt=retry_attempt,
+            )
             return False
         job = Job(q, received)
         refusal = self._not_allowed(q)
@@ -2955,12 +3733,23 @@ class Dispatcher:
         if refusal is not None:
             self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
             job.settle()
-            self.notifier.submit(lambda: self.answerer.refuse(job, refusal.outcome, refusal.notice,
-                                                              post=refusal.notice != ""))
+            self.notifier.submit(
+                lambda: self.answerer.refuse(
+                    job, refusal.outcome, refusal.notice, post=refusal.notice != ""
+                )
+            )
             return False
         self.metrics.events.labels(type=metric_type, outcome="accepted").inc()
-        log_event(logging.INFO, "event_accepted", ref=job.ref, event_id=q.event_id, channel=q.channel,
-                  user=q.user, kind=q.kind, retry_attempt=retry_attempt)
+        log_event(
+            logging.INFO,
+            "event_accepted",
+            ref=job.ref,
+            event_id=q.event_id,
+            channel=q.channel,
+            user=q.user,
+            kind=q.kind,
+            retry_attempt=retry_attempt,
+        )
         log_event(logging.DEBUG, "question_text", ref=job.ref, text=q.text)
         return True
 
@@ -2979,23 +3768,40 @@ class Dispatcher:
         self.assistant_threads[f"{channel}:{thread_ts}"] = str(context.get("channel_id") or "")
         while len(self.assistant_threads) > 20_000:
             self.assistant_threads.popitem(last=False)
-        log_event(logging.DEBUG, "assistant_thread", change=event_type, channel=channel,
-                  viewing=context.get("channel_id"))
+        log_event(
+            logging.DEBUG,
+            "assistant_thread",
+            change=event_type,
+            channel=channel,
+            viewing=context.get("channel_id"),
+        )
         if event_type == "assistant_thread_started":
             prompts = self.config.suggested_prompts
-            self.notifier.submit(lambda: self._quietly(self.answerer.api.set_suggested_prompts, channel=channel,
-                                                       thread_ts=thread_ts, prompts=prompts))
+            self.notifier.submit(
+                lambda: self._quietly(
+                    self.answerer.api.set_suggested_prompts,
+                    channel=channel,
+                    thread_ts=thread_ts,
+                    prompts=prompts,
+                )
+            )
 
     def _title_assistant_thread(self, q: Question) -> None:
         """The first question in an AI-pane thread names the thread."""
         key = f"{q.channel}:{q.thread_ts}"
         if key in self.assistant_threads and self.titled.add(key):
             title = thread_title(q.text, self.me)
-            self.notifier.submit(lambda: self._quietly(self.answerer.api.set_title, channel=q.channel,
-                                                       thread_ts=q.thread_ts, title=title))
+            self.notifier.submit(
+                lambda: self._quietly(
+                    self.answerer.api.set_title,
+                    channel=q.channel,
+                    thread_ts=q.thread_ts,
+                    title=title,
+                )
+            )
 
     def _on_shortcut(self, payload: dict) -> None:
-        """"Ask ledger-bot about this thread" on a message: open the question modal."""
+        """ "Ask ledger-bot about this thread" on a message: open the question modal."""
         message = payload.get("message") or {}
         channel = str((payload.get("channel") or {}).get("id") or "")
         thread_ts = str(message.get("thread_ts") or message.get("ts") or "")
@@ -3005,7 +3811,9 @@ class Dispatcher:
             return
         self.metrics.events.labels(type="shortcut", outcome="accepted").inc()
         view = ask_modal(channel=channel, thread_ts=thread_ts)
-        self.notifier.submit(lambda: self._quietly(self.answerer.api.open_view, trigger_id=trigger, view=view))
+        self.notifier.submit(
+            lambda: self._quietly(self.answerer.api.open_view, trigger_id=trigger, view=view)
+        )
 
     def _on_modal(self, payload: dict, received: float) -> None:
         """The modal was submitted: a question about that thread, answered in it."""
@@ -3024,7 +3832,9 @@ class Dispatcher:
             return
         self.metrics.events.labels(type="app_home", outcome="accepted").inc()
         view = home_view(self.answerer.knowledge.current().sections, self.config)
-        self.notifier.submit(lambda: self._quietly(self.answerer.api.publish_home, user=user, view=view))
+        self.notifier.submit(
+            lambda: self._quietly(self.answerer.api.publish_home, user=user, view=view)
+        )
 
     @staticmethod
     def _quietly(call: Callable[..., Any], **kwargs: Any) -> None:
@@ -3038,7 +3848,11 @@ class Dispatcher:
         """A refusal if an allow-list excludes this question (the notice once a day per channel,
         or per user in DMs; ``notice=""`` for silence), else None."""
         c = self.config
-        channel_ok = not c.ledger_bot_allowed_channels or q.kind == "dm" or q.channel in c.ledger_bot_allowed_channels
+        channel_ok = (
+            not c.ledger_bot_allowed_channels
+            or q.kind == "dm"
+            or q.channel in c.ledger_bot_allowed_channels
+        )
         user_ok = not c.ledger_bot_allowed_users or q.user in c.ledger_bot_allowed_users
         if channel_ok and user_ok:
             return None
@@ -3057,8 +3871,11 @@ class Dispatcher:
             return
         self.metrics.events.labels(type="block_actions", outcome="accepted").inc()
         user = str((payload.get("user") or {}).get("id") or "")
-        channel = str((payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id")
-                      or "")
+        channel = str(
+            (payload.get("channel") or {}).get("id")
+            or (payload.get("container") or {}).get("channel_id")
+            or ""
+        )
         with self._votes_lock:
             before = self.votes.get(f"{ref}:{user}")
             self.votes[f"{ref}:{user}"] = vote
@@ -3068,16 +3885,29 @@ class Dispatcher:
             return
         if before is None:
             self.metrics.feedback.labels(value=vote).inc()
-        log_event(logging.INFO, "feedback", ref=ref, value=vote, changed_from=before, channel=channel, user=user)
+        log_event(
+            logging.INFO,
+            "feedback",
+            ref=ref,
+            value=vote,
+            changed_from=before,
+            channel=channel,
+            user=user,
+        )
         thread_ts = (payload.get("message") or {}).get("thread_ts") or None
         if channel and user and before is None:
-            self.notifier.submit(lambda: self._thank(channel=channel, user=user, thread_ts=thread_ts))
+            self.notifier.submit(
+                lambda: self._thank(channel=channel, user=user, thread_ts=thread_ts)
+            )
 
     def _thank(self, *, channel: str, user: str, thread_ts: str | None) -> None:
         try:
-            self.answerer.api.post_ephemeral(channel=channel, user=user, thread_ts=thread_ts,
-                                             text="Thanks for the feedback! It helps the BOR Write team improve my "
-                                                  "answers.")
+            self.answerer.api.post_ephemeral(
+                channel=channel,
+                user=user,
+                thread_ts=thread_ts,
+                text="Thanks for the feedback! It helps the BOR Write team improve my answers.",
+            )
         except SlackError as e:
             log_event(logging.WARNING, "feedback_thanks_failed", error=e.code)
 
@@ -3103,18 +3933,29 @@ class SocketLink:
     line is logged per transition; a refused app token calls ``on_auth_failed``.
     """
 
-    def __init__(self, config: Config, health: Health, metrics: Metrics, on_request: Callable[[SocketModeRequest,
-                 float], None], on_auth_failed: Callable[[str, str], None]):
+    def __init__(
+        self,
+        config: Config,
+        health: Health,
+        metrics: Metrics,
+        on_request: Callable[[SocketModeRequest, float], None],
+        on_auth_failed: Callable[[str, str], None],
+    ):
         self.config = config
         self.health = health
         self.metrics = metrics
         self.on_request = on_request
         self.on_auth_failed = on_auth_failed
         self.client = SocketModeClient(
-            app_token=config.slack_app_token, web_client=make_web_client(config, token=config.slack_bot_token),
-            auto_reconnect_enabled=False, ping_interval=PING_INTERVAL_SECONDS,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES, concurrency=10,
-            on_message_listeners=[self.on_frame], on_close_listeners=[self._on_close])
+            app_token=config.slack_app_token,
+            web_client=make_web_client(config, token=config.slack_bot_token),
+            auto_reconnect_enabled=False,
+            ping_interval=PING_INTERVAL_SECONDS,
+            receive_buffer_size=RECEIVE_BUFFER_BYTES,
+            concurrency=10,
+            on_message_listeners=[self.on_frame],
+            on_close_listeners=[self._on_close],
+        )
         self.client.socket_mode_request_listeners.append(self._on_request)
         # envelope_id -> monotonic arrival if acked, None if not (no usable id, or stopping);
         # written by on_frame, popped by _on_request, which may run first (slack_sdk queues the
@@ -3122,7 +3963,9 @@ class SocketLink:
         self._acked: dict[Any, float | None] = {}
         self._acked_cv = threading.Condition()
         self._hellos = 0
-        self._alive_at = 0.0  # wall clock of the last frame or hello (pongs are read from slack_sdk)
+        self._alive_at = (
+            0.0  # wall clock of the last frame or hello (pongs are read from slack_sdk)
+        )
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -3134,7 +3977,9 @@ class SocketLink:
         delays = backoff_delays()
         while not stop.is_set():
             if self._open():
-                self._watchdog = threading.Thread(target=self._watch, name="socket-watchdog", daemon=True)
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="socket-watchdog", daemon=True
+                )
                 self._watchdog.start()
                 return True
             stop.wait(next(delays))
@@ -3144,8 +3989,10 @@ class SocketLink:
         try:
             self.client.connect_to_new_endpoint(force=True)
             return True
-        except Exception as e:  # noqa: BLE001 - Slack down, rate limited, DNS: all retried
-            code = str(e.response.get("error")) if isinstance(e, SlackApiError) else type(e).__name__
+        except Exception as e:
+            code = (
+                str(e.response.get("error")) if isinstance(e, SlackApiError) else type(e).__name__
+            )
             if code in FATAL_AUTH_ERRORS:
                 self.on_auth_failed("SLACK_APP_TOKEN", code)
                 self._stop.set()
@@ -3163,13 +4010,19 @@ class SocketLink:
             if self.health.connected:
                 silent = time.time() - max(self._alive_at, self._last_pong())
                 if not self.client.is_connected() or silent > DEAD_AFTER_SECONDS:
-                    self._lost("slack_connection_dead" if self.client.is_connected() else "slack_disconnected",
-                               silent_s=round(silent, 1))
+                    self._lost(
+                        "slack_connection_dead"
+                        if self.client.is_connected()
+                        else "slack_disconnected",
+                        silent_s=round(silent, 1),
+                    )
                     retry_at = now
                 else:
                     delays = backoff_delays()
                 continue
-            if now < retry_at or now - attempt_at < HELLO_WAIT_SECONDS and self.client.is_connected():
+            if now < retry_at or (
+                now - attempt_at < HELLO_WAIT_SECONDS and self.client.is_connected()
+            ):
                 continue
             attempt_at = now
             if not self._open():
@@ -3179,7 +4032,9 @@ class SocketLink:
 
     def _last_pong(self) -> float:
         session = self.client.current_session
-        return (getattr(session, "last_ping_pong_time", None) or 0.0) if session is not None else 0.0
+        return (
+            (getattr(session, "last_ping_pong_time", None) or 0.0) if session is not None else 0.0
+        )
 
     def _lost(self, event: str, **fields: Any) -> None:
         if self.health.connected:
@@ -3206,7 +4061,9 @@ class SocketLink:
                 return
             envelope_id = frame.get("envelope_id")
             if envelope_id is not None and not isinstance(envelope_id, (dict, list)):
-                acked = isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
+                acked = (
+                    isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
+                )
                 if acked:
                     self.client.send_socket_mode_response({"envelope_id": envelope_id})
                     self.metrics.ack_latency.observe(time.monotonic() - now)
@@ -3227,10 +4084,10 @@ class SocketLink:
             elif kind == "disconnect":
                 self._set_connected(False)
                 log_event(logging.INFO, "slack_disconnect_requested", reason=frame.get("reason"))
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("frame_inspect_failed", exc_info=True)
 
-    def _on_request(self, client: SocketModeClient, req: SocketModeRequest) -> None:
+    def _on_request(self, client: Any, req: SocketModeRequest) -> None:
         """slack_sdk's listener pool: hand on an envelope ``on_frame`` acked; never one it did
         not (Slack would redeliver it, and the redelivery is the one to answer)."""
         try:
@@ -3240,7 +4097,7 @@ class SocketLink:
             if received is None or self.health.stopping:
                 return
             self.on_request(req, received)
-        except Exception:  # noqa: BLE001 - a bad event is logged and skipped, never fatal
+        except Exception:
             self.metrics.events.labels(type="other", outcome="rejected").inc()
             log.exception("event_rejected", extra={"fields": {"envelope_type": req.type}})
 
@@ -3273,9 +4130,10 @@ class SocketLink:
         own close() joins its timer threads for 2-3 s, so it runs in the background."""
         self._stop.set()
         self._set_connected(False)
-        session = self.client.current_session
-        with contextlib.suppress(Exception):
-            session.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv()
+        sock = getattr(self.client.current_session, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv()
         closer = threading.Thread(target=self.client.close, name="socket-close", daemon=True)
         closer.start()
         deadline = time.monotonic() + 3.5
@@ -3299,8 +4157,17 @@ UNUSED_GATEWAY = {"LITELLM_DEVELOPER_KEY": "not-used", "LITELLM_BASE_URL": "http
 
 
 def terminal_question(text: str) -> Question:
-    return Question(event_id="terminal", kind="dm", channel="terminal", user="you", team="", text=clean_text(text),
-                    ts="1.0", thread_ts="1.0", in_thread=False)
+    return Question(
+        event_id="terminal",
+        kind="dm",
+        channel="terminal",
+        user="you",
+        team="",
+        text=clean_text(text),
+        ts="1.0",
+        thread_ts="1.0",
+        in_thread=False,
+    )
 
 
 @dataclasses.dataclass
@@ -3314,13 +4181,19 @@ class ModelAnswer:
     failure: LLMFailure | None = None
 
 
-def answer_in_terminal(config: Config, messages: list[dict], choice: KnowledgeChoice,
-                       write: Callable[[str], Any] = lambda text: None) -> ModelAnswer:
+def answer_in_terminal(
+    config: Config,
+    messages: list[dict],
+    choice: KnowledgeChoice,
+    write: Callable[[str], Any] = lambda text: None,
+) -> ModelAnswer:
     """Stream one answer through the gateway, writing what a person would see as it arrives."""
     started, usage, text, shown = time.monotonic(), Usage(), AnswerText(), []
     failure = None
     try:
-        for chunk in stream_completion(config, messages, usage, user=gateway_user(config, "terminal", "you")):
+        for chunk in stream_completion(
+            config, messages, usage, user=gateway_user(config, "terminal", "you")
+        ):
             out = text.feed(chunk)
             shown.append(out)
             write(out)
@@ -3329,15 +4202,18 @@ def answer_in_terminal(config: Config, messages: list[dict], choice: KnowledgeCh
     rest, labels = text.end()
     write(rest)
     shown.append(rest)
-    return ModelAnswer("".join(shown), cited_sections(choice, labels), usage, time.monotonic() - started, failure)
+    return ModelAnswer(
+        "".join(shown), cited_sections(choice, labels), usage, time.monotonic() - started, failure
+    )
 
 
 def run_ask(config: Config, question: str, out: Any) -> int:
     """``--ask``: one question answered in the terminal; exit 0, or 1 if the gateway failed."""
     kb = KnowledgeBase(load_knowledge(config.knowledge_path))
     try:
-        messages, choice = build_prompt(config, kb, terminal_question(question), [], TERMINAL_ME,
-                                        token_counter(config))
+        messages, choice = build_prompt(
+            config, kb, terminal_question(question), [], TERMINAL_ME, token_counter(config)
+        )
     except QuestionTooLong:
         print(OUTCOMES["context_too_long"].notice, file=out)
         return 1
@@ -3349,7 +4225,11 @@ def run_ask(config: Config, question: str, out: Any) -> int:
     result = answer_in_terminal(config, messages, choice, write)
     out.write("\n")
     if result.cited:
-        out.write("\nSources: " + "; ".join(s.label + (f" <{s.url}>" if s.url else "") for s in result.cited) + "\n")
+        out.write(
+            "\nSources: "
+            + "; ".join(s.label + (f" <{s.url}>" if s.url else "") for s in result.cited)
+            + "\n"
+        )
     if result.failure is not None:
         print(f"\n{OUTCOMES[result.failure.kind].notice} [{result.failure.kind}]", file=out)
         return 1
@@ -3395,11 +4275,15 @@ def load_eval(path: Path) -> EvalSpec:
         raise EvalError(f"{path}: invalid YAML: {e}") from None
     bad = sorted(k for k in spec.settings if not k.startswith("LEDGER_BOT_"))
     if bad:
-        raise EvalError(f"{path}: settings may only name LEDGER_BOT_* variables, not {', '.join(bad)}")
+        raise EvalError(
+            f"{path}: settings may only name LEDGER_BOT_* variables, not {', '.join(bad)}"
+        )
     return spec
 
 
-def retrieval_scores(expected: list[str], retrieved: tuple[str, ...]) -> tuple[float | None, float | None]:
+def retrieval_scores(
+    expected: list[str], retrieved: tuple[str, ...]
+) -> tuple[float | None, float | None]:
     """Recall and precision of the sections that reached the prompt (None where undefined: a
     question the knowledge does not cover has no recall)."""
     hits = len(set(expected) & set(retrieved))
@@ -3413,75 +4297,121 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def run_eval(config: Config, spec: EvalSpec, spec_path: Path, *, online: bool, report: Path | None,
-             out: Any) -> int:
+def run_eval(
+    config: Config, spec: EvalSpec, spec_path: Path, *, online: bool, report: Path | None, out: Any
+) -> int:
     """``--eval``: retrieval recall/precision per question (and, online, the answers checked);
     prints a table, writes ``report`` as JSON; exit 1 if a threshold is missed, 2 if the file
     names sections the knowledge does not have."""
     root = (spec_path.parent / spec.knowledge) if spec.knowledge else config.knowledge_path
     kb = KnowledgeBase(load_knowledge(root))
-    unknown = sorted({label for q in spec.questions for label in q.expect_sections} - kb.by_label.keys())
+    unknown = sorted(
+        {label for q in spec.questions for label in q.expect_sections} - kb.by_label.keys()
+    )
     if unknown:
-        print(f"eval: {len(unknown)} expected section(s) not in {root}: " + "; ".join(unknown), file=out)
+        print(
+            f"eval: {len(unknown)} expected section(s) not in {root}: " + "; ".join(unknown),
+            file=out,
+        )
         return EXIT_CONFIG
     count = token_counter(config)
     rows: list[dict[str, Any]] = []
     for q in spec.questions:
-        messages, choice = build_prompt(config, kb, terminal_question(q.question), [], TERMINAL_ME, count)
+        messages, choice = build_prompt(
+            config, kb, terminal_question(q.question), [], TERMINAL_ME, count
+        )
         recall, precision = retrieval_scores(q.expect_sections, choice.labels)
-        row: dict[str, Any] = {"id": q.id, "recall": recall, "precision": precision, "whole": choice.whole,
-                               "retrieved": list(choice.labels), "expected": q.expect_sections}
+        row: dict[str, Any] = {
+            "id": q.id,
+            "recall": recall,
+            "precision": precision,
+            "whole": choice.whole,
+            "retrieved": list(choice.labels),
+            "expected": q.expect_sections,
+        }
         if online:
             result = answer_in_terminal(config, messages, choice)
             lowered = result.text.lower()
             cited = [s.label for s in result.cited]
-            row.update({
-                "missing": [m for m in q.must_contain if m.lower() not in lowered],
-                "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
-                "cited": cited, "cited_unexpected": [c for c in cited if c not in q.expect_sections],
-                "seconds": round(result.seconds, 2), "cost_usd": round(cost_usd(config, result.usage), 6),
-                "failure": result.failure.kind if result.failure else None,
-            })
-            row["passed"] = not (row["missing"] or row["forbidden"] or row["cited_unexpected"] or row["failure"])
+            row.update(
+                {
+                    "missing": [m for m in q.must_contain if m.lower() not in lowered],
+                    "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
+                    "cited": cited,
+                    "cited_unexpected": [c for c in cited if c not in q.expect_sections],
+                    "seconds": round(result.seconds, 2),
+                    "cost_usd": round(cost_usd(config, result.usage), 6),
+                    "failure": result.failure.kind if result.failure else None,
+                }
+            )
+            row["passed"] = not (
+                row["missing"] or row["forbidden"] or row["cited_unexpected"] or row["failure"]
+            )
         rows.append(row)
     summary: dict[str, Any] = {
-        "questions": len(rows), "knowledge_budget_tokens": knowledge_budget(config),
-        "recall": _mean([r["recall"] for r in rows]), "precision": _mean([r["precision"] for r in rows]),
+        "questions": len(rows),
+        "knowledge_budget_tokens": knowledge_budget(config),
+        "recall": _mean([r["recall"] for r in rows]),
+        "precision": _mean([r["precision"] for r in rows]),
         "all_expected_retrieved": sum(1 for r in rows if r["recall"] == 1.0),
         "covered": sum(1 for r in rows if r["expected"]),
     }
     if online:
-        summary.update({"answers": sum(r["passed"] for r in rows) / len(rows) if rows else None,
-                        "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
-                        "seconds_p50": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None})
+        summary.update(
+            {
+                "answers": sum(r["passed"] for r in rows) / len(rows) if rows else None,
+                "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
+                "seconds_p50": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None,
+            }
+        )
     _print_eval(rows, summary, online, out)
     if report is not None:
-        report.write_text(json.dumps({"summary": summary, "questions": rows}, indent=2) + "\n", encoding="utf-8")
-    missed = [f"{name} {summary.get(name)} < {floor}" for name, floor in spec.thresholds.items()
-              if name in summary and summary[name] is not None and summary[name] < floor]
+        report.write_text(
+            json.dumps({"summary": summary, "questions": rows}, indent=2) + "\n", encoding="utf-8"
+        )
+    missed = [
+        f"{name} {summary.get(name)} < {floor}"
+        for name, floor in spec.thresholds.items()
+        if name in summary and summary[name] is not None and summary[name] < floor
+    ]
     for line in missed:
         print(f"eval: below threshold: {line}", file=out)
     return 1 if missed else 0
 
 
-def _print_eval(rows: list[dict[str, Any]], summary: dict[str, Any], online: bool, out: Any) -> None:
+def _print_eval(
+    rows: list[dict[str, Any]], summary: dict[str, Any], online: bool, out: Any
+) -> None:
     def num(v: float | None) -> str:
         return "  -  " if v is None else f"{v:5.2f}"
 
     width = max([len(r["id"]) for r in rows] + [8])
-    head = f"{'question':<{width}}  recall  precision  sections" + ("  answer  seconds  cost_usd" if online else "")
+    head = f"{'question':<{width}}  recall  precision  sections" + (
+        "  answer  seconds  cost_usd" if online else ""
+    )
     print(head, file=out)
     for r in rows:
-        line = f"{r['id']:<{width}}  {num(r['recall'])}   {num(r['precision'])}      {len(r['retrieved']):>4}"
+        line = (
+            f"{r['id']:<{width}}  {num(r['recall'])}   {num(r['precision'])}      "
+            f"{len(r['retrieved']):>4}"
+        )
         if online:
-            line += f"  {'pass' if r['passed'] else 'FAIL':>6}  {r['seconds']:7.2f}  {r['cost_usd']:8.4f}"
+            verdict = "pass" if r["passed"] else "FAIL"
+            line += f"  {verdict:>6}  {r['seconds']:7.2f}  {r['cost_usd']:8.4f}"
         print(line, file=out)
-    print(f"{'overall':<{width}}  {num(summary['recall'])}   {num(summary['precision'])}   "
-          f"(all expected sections retrieved for {summary['all_expected_retrieved']} of {summary['covered']} "
-          f"covered questions; knowledge budget {summary['knowledge_budget_tokens']} tokens)", file=out)
+    print(
+        f"{'overall':<{width}}  {num(summary['recall'])}   {num(summary['precision'])}   "
+        f"(all expected sections retrieved for {summary['all_expected_retrieved']} of "
+        f"{summary['covered']} covered questions; knowledge budget "
+        f"{summary['knowledge_budget_tokens']} tokens)",
+        file=out,
+    )
     if online:
-        print(f"answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
-              f"p50 {summary['seconds_p50']} s", file=out)
+        print(
+            f"answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
+            f"p50 {summary['seconds_p50']} s",
+            file=out,
+        )
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -3497,7 +4427,9 @@ class WorkerPool:
     empties the queue (shutdown tells those people to ask again); ``close`` stops the threads.
     """
 
-    def __init__(self, handler: Callable[[Job], Any], workers: int, queue_size: int, metrics: Metrics):
+    def __init__(
+        self, handler: Callable[[Job], Any], workers: int, queue_size: int, metrics: Metrics
+    ):
         self.handler = handler
         self.metrics = metrics
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
@@ -3505,7 +4437,10 @@ class WorkerPool:
         self._busy_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.threads = [threading.Thread(target=self._run, name=f"answer-{i}", daemon=True) for i in range(workers)]
+        self.threads = [
+            threading.Thread(target=self._run, name=f"answer-{i}", daemon=True)
+            for i in range(workers)
+        ]
         for t in self.threads:
             t.start()
 
@@ -3527,7 +4462,7 @@ class WorkerPool:
                 self.metrics.workers_busy.set(self.busy)
             try:
                 self.handler(job)
-            except Exception:  # noqa: BLE001 - a worker must outlive any job
+            except Exception:
                 log.exception("worker_job_crashed")
             finally:
                 with self._lock:
@@ -3578,29 +4513,52 @@ class WorkerPool:
         now = time.monotonic()
         with self._lock:
             stuck = [n for n, since in self._busy_since.items() if now - since > stuck_after]
-        return f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}" if stuck else None
+        return (
+            f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}"
+            if stuck
+            else None
+        )
 
 
 class Bot:
     """Everything that runs once the bot knows who it is: the Socket Mode link, the dispatcher,
     the worker pool, the notices thread and the answerer; ``shutdown`` stops them all."""
 
-    def __init__(self, config: Config, api: SlackApi, me: BotIdentity, health: Health, knowledge: KnowledgeStore,
-                 metrics: Metrics, on_auth_failed: Callable[[str, str], None]):
+    def __init__(
+        self,
+        config: Config,
+        api: SlackApi,
+        me: BotIdentity,
+        health: Health,
+        knowledge: KnowledgeStore,
+        metrics: Metrics,
+        on_auth_failed: Callable[[str, str], None],
+    ):
         self.config = config
         self.health = health
         self.metrics = metrics
-        self.answerer = Answerer(config, api, me, knowledge, Limits(config), metrics, make_llm_client(config))
-        self.pool = WorkerPool(self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics)
+        self.answerer = Answerer(
+            config, api, me, knowledge, Limits(config), metrics, make_llm_client(config)
+        )
+        self.pool = WorkerPool(
+            self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics
+        )
         self.notifier = Notifier()
         self.dispatcher = Dispatcher(config, me, self.answerer, self.pool, self.notifier, metrics)
         self.link = SocketLink(config, health, metrics, self._on_request, on_auth_failed)
-        stuck_after = config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
+        stuck_after = (
+            config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
+        )
         health.liveness_checks[:] = [lambda: self.pool.problem(stuck_after), self.link.problem]
 
     def _on_request(self, req: SocketModeRequest, received: float) -> None:
-        self.dispatcher.dispatch(req.type, req.payload or {}, received, envelope_id=req.envelope_id,
-                                 retry_attempt=req.retry_attempt)
+        self.dispatcher.dispatch(
+            req.type,
+            req.payload or {},
+            received,
+            envelope_id=req.envelope_id,
+            retry_attempt=req.retry_attempt,
+        )
 
     def connect(self, stop: threading.Event) -> bool:
         return self.link.start(stop)
@@ -3632,8 +4590,10 @@ def _warm_litellm(config: Config) -> None:
         t0 = time.monotonic()
         register_alias(config)
         token_counter(config)("warm-up")
-        log_event(logging.DEBUG, "litellm_imported", latency_ms=round((time.monotonic() - t0) * 1000))
-    except Exception:  # noqa: BLE001 - the first answer will report it properly
+        log_event(
+            logging.DEBUG, "litellm_imported", latency_ms=round((time.monotonic() - t0) * 1000)
+        )
+    except Exception:
         log.exception("litellm_import_failed")
 
 
@@ -3655,16 +4615,25 @@ def run_check(config: Config, out: Any) -> int:
     except SlackAuthFailed as e:
         report("slack auth.test", False, f"Slack refused the bot token ({e.code})")
     except SlackError as e:
-        reason = f"Slack said {e.code}" if not e.code[:1].isupper() else f"could not reach Slack at " \
-                                                                          f"{config.slack_api_url} ({e.code})"
+        reason = (
+            f"Slack said {e.code}"
+            if not e.code[:1].isupper()
+            else f"could not reach Slack at {config.slack_api_url} ({e.code})"
+        )
         report("slack auth.test", False, reason)
     try:
-        text = "".join(stream_completion(config, [{"role": "user", "content": "Reply with the single word OK."}],
-                                         Usage()))
+        text = "".join(
+            stream_completion(
+                config, [{"role": "user", "content": "Reply with the single word OK."}], Usage()
+            )
+        )
         report("llm gateway", True, f"model {config.ledger_bot_model} answered ({len(text)} chars)")
     except LLMFailure as e:
-        report("llm gateway", False,
-               f"model {config.ledger_bot_model} at {config.litellm_base_url}: {e.kind} ({e.detail})")
+        report(
+            "llm gateway",
+            False,
+            f"model {config.ledger_bot_model} at {config.litellm_base_url}: {e.kind} ({e.detail})",
+        )
     print("RESULT: " + ("PASS" if ok else "FAIL"), file=out)
     return 0 if ok else 1
 
@@ -3672,20 +4641,35 @@ def run_check(config: Config, out: Any) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ledger_bot.py",
-        description="ledger-bot: the BOR Write team's Slack assistant. Configuration comes from the environment "
-                    "(see README.md).",
+        description="ledger-bot: the BOR Write team's Slack assistant. "
+        "Configuration comes from the environment (see README.md).",
     )
-    parser.add_argument("--check", action="store_true",
-                        help="validate configuration, call Slack auth.test and make one tiny gateway call; "
-                             "exit 0 if all pass, 1 otherwise")
-    parser.add_argument("--ask", metavar="QUESTION",
-                        help="answer one question in the terminal through the same prompt, retrieval, model and "
-                             "sources as in Slack (needs only the LITELLM_* variables)")
-    parser.add_argument("--eval", metavar="FILE", type=Path,
-                        help="measure retrieval against a golden set (YAML or JSON); offline unless --online")
-    parser.add_argument("--online", action="store_true",
-                        help="with --eval: also answer every question through the gateway and check the answers")
-    parser.add_argument("--report", metavar="PATH", type=Path, help="with --eval: write the results as JSON")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate configuration, call Slack auth.test and make one tiny gateway call; "
+        "exit 0 if all pass, 1 otherwise",
+    )
+    parser.add_argument(
+        "--ask",
+        metavar="QUESTION",
+        help="answer one question in the terminal through the same prompt, retrieval, model and "
+        "sources as in Slack (needs only the LITELLM_* variables)",
+    )
+    parser.add_argument(
+        "--eval",
+        metavar="FILE",
+        type=Path,
+        help="measure retrieval against a golden set (YAML or JSON); offline unless --online",
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="with --eval: also answer every question through the gateway and check the answers",
+    )
+    parser.add_argument(
+        "--report", metavar="PATH", type=Path, help="with --eval: write the results as JSON"
+    )
     parser.add_argument("--version", action="version", version=f"ledger-bot {__version__}")
     args = parser.parse_args(argv)
     if (args.online or args.report) and not args.eval:
@@ -3706,15 +4690,27 @@ class _Fatal:
             if self.reason is not None:
                 return
             self.reason = (token, code)
-        hint = ("check the secret and that Socket Mode is enabled" if token == "SLACK_APP_TOKEN"
-                else "check the secret; reinstall the app if the token was revoked")
-        log_event(logging.ERROR, "slack_auth_failed", token=token, error=code, hint=f"{token} was rejected by Slack; "
-                                                                                    f"{hint}")
+        hint = (
+            "check the secret and that Socket Mode is enabled"
+            if token == "SLACK_APP_TOKEN"
+            else "check the secret; reinstall the app if the token was revoked"
+        )
+        log_event(
+            logging.ERROR,
+            "slack_auth_failed",
+            token=token,
+            error=code,
+            hint=f"{token} was rejected by Slack; {hint}",
+        )
         self.stop.set()
 
 
-def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
-         stop: threading.Event | None = None, registry: prometheus_client.CollectorRegistry | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
+    registry: prometheus_client.CollectorRegistry | None = None,
+) -> int:
     """Run the bot until SIGTERM/SIGINT (or ``stop`` is set); returns the process exit code.
 
     0: clean shutdown (or --check passed); 1: --check failed, or Slack rejected a token (at
@@ -3729,7 +4725,12 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
         except EvalError as e:
             print(f"ledger-bot: {e}", file=sys.stderr)
             return EXIT_CONFIG
-        env = {**(UNUSED_GATEWAY if not args.online else {}), **UNUSED_SLACK, **env, **spec.settings}
+        env = {
+            **(UNUSED_GATEWAY if not args.online else {}),
+            **UNUSED_SLACK,
+            **env,
+            **spec.settings,
+        }
     elif args.ask:
         env = {**UNUSED_SLACK, **env}
     try:
@@ -3748,7 +4749,9 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
     if args.ask:
         return run_ask(config, args.ask, sys.stdout)
     if spec is not None:
-        return run_eval(config, spec, args.eval, online=args.online, report=args.report, out=sys.stdout)
+        return run_eval(
+            config, spec, args.eval, online=args.online, report=args.report, out=sys.stdout
+        )
 
     setup_logging(config.log_level, config.log_format)
     stop = stop or threading.Event()
@@ -3759,9 +4762,17 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
     metrics.build_info.labels(version=__version__, git_sha=config.ledger_bot_git_sha).set(1)
     health = Health()
     server = HealthServer(config.health_port, health, metrics).start()
-    log_event(logging.INFO, "starting", version=__version__, git_sha=config.ledger_bot_git_sha,
-              health_port=server.server_address[1], model=config.ledger_bot_model)
-    warm = threading.Thread(target=_warm_litellm, args=(config,), name="litellm-import", daemon=True)
+    log_event(
+        logging.INFO,
+        "starting",
+        version=__version__,
+        git_sha=config.ledger_bot_git_sha,
+        health_port=server.server_address[1],
+        model=config.ledger_bot_model,
+    )
+    warm = threading.Thread(
+        target=_warm_litellm, args=(config,), name="litellm-import", daemon=True
+    )
     warm.start()
     try:
         return _serve(config, health, metrics, stop, warm)
@@ -3769,12 +4780,22 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None,
         server.stop()
 
 
-def _serve(config: Config, health: Health, metrics: Metrics, stop: threading.Event, warm: threading.Thread) -> int:
-    knowledge = KnowledgeStore(config.knowledge_path, check_every=config.ledger_bot_knowledge_reload_seconds)
-    log_event(logging.INFO, "knowledge_loaded", path=str(config.knowledge_path),
-              sections=len(knowledge.current().sections))
+def _serve(
+    config: Config, health: Health, metrics: Metrics, stop: threading.Event, warm: threading.Thread
+) -> int:
+    knowledge = KnowledgeStore(
+        config.knowledge_path, check_every=config.ledger_bot_knowledge_reload_seconds
+    )
+    log_event(
+        logging.INFO,
+        "knowledge_loaded",
+        path=str(config.knowledge_path),
+        sections=len(knowledge.current().sections),
+    )
     fatal = _Fatal(stop)
-    api = SlackApi(make_web_client(config), RateBudget(rate_limits(config)), metrics, on_auth_failed=fatal)
+    api = SlackApi(
+        make_web_client(config), RateBudget(rate_limits(config)), metrics, on_auth_failed=fatal
+    )
     me = None
     delays = backoff_delays()
     while not stop.is_set() and me is None:
@@ -3797,7 +4818,9 @@ def _serve(config: Config, health: Health, metrics: Metrics, stop: threading.Eve
     connected = bot.connect(stop)
     if connected:
         stop.wait()
-        log_event(logging.INFO, "stop_requested", reason="slack_auth_failed" if fatal.reason else "signal")
+        log_event(
+            logging.INFO, "stop_requested", reason="slack_auth_failed" if fatal.reason else "signal"
+        )
     drained = bot.shutdown(config.drain_seconds if connected else 0)
     log_event(logging.INFO, "stopped", drained=drained)
     return EXIT_SLACK_AUTH if fatal.reason else 0

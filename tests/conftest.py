@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pytest_httpserver import HTTPServer
-
 from fakes import FakeGateway, FakeSlack, FakeSocketMode, free_port, http_get, wait_for
+from pytest_httpserver import HTTPServer
 
 # The fakes' own servers log every request; only the bot's lines are worth reading in a failure.
 for _noisy in ("werkzeug", "websockets"):

@@ -14,14 +14,15 @@ Nothing here knows about ledger_bot's internals.
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pytest_httpserver import HTTPServer
 from websockets.sync.server import ServerConnection, serve
@@ -147,7 +148,7 @@ class FakeSocketMode:
                     with self._lock:
                         self.acks[msg["envelope_id"]] = time.monotonic()
                         self.ack_payloads[msg["envelope_id"]] = msg
-        except Exception:  # noqa: BLE001 - the client went away
+        except Exception:
             pass
         finally:
             with self._lock:

@@ -7,9 +7,8 @@ import json
 import threading
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from fakes import BOT_USER, TEAM, Script, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from test_bot import log_lines, mention, replies
 
 

@@ -8,13 +8,12 @@ import json
 import logging
 import socket
 import threading
-import time
 
 import pytest
-
-import ledger_bot as lb
 from fakes import BOT_USER, TEAM, Script, wait_for
 from test_bot import log_lines, mention, replies
+
+import ledger_bot as lb
 
 
 def channel_reply(slack, socket_mode, *, thread_ts, text, user="U5", event_id=None):
@@ -55,9 +54,9 @@ def test_the_ack_uses_the_top_level_envelope_id_and_unackable_envelopes_are_not_
     event = {"type": "app_mention", "channel": "C100", "user": "U1", "text": msg["text"], "ts": msg["ts"],
              "team": TEAM}
     # A nested "envelope_id" comes first in the text of the frame; the top-level one is the real one.
-    socket_mode.send_raw('{"payload": {"event_id": "EvNEST", "envelope_id": "nested-decoy", "team_id": "%s", '
-                         '"event": %s}, "type": "events_api", "envelope_id": "top-level-id", '
-                         '"accepts_response_payload": false}' % (TEAM, json.dumps(event)))
+    socket_mode.send_raw(f'{{"payload": {{"event_id": "EvNEST", "envelope_id": "nested-decoy", "team_id": "{TEAM}", '
+                         f'"event": {json.dumps(event)}}}, "type": "events_api", "envelope_id": "top-level-id", '
+                         '"accepts_response_payload": false}')
     wait_for(lambda: "top-level-id" in socket_mode.acks, 5, "the top-level id acked")
     assert "nested-decoy" not in socket_mode.acks
     assert replies(slack, "C100", msg["ts"]) == ["The answer is 42."]

@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.server.connections += 1
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.endswith("/chat/completions"):
             self.send_response(200)

@@ -50,7 +50,7 @@ README_RUN_COMMAND = (
 )
 README_TEST_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -q --require-hashes -r requirements-dev.lock"
-    " && .venv/bin/python -m pytest"
+    " -r requirements-proxy.lock && .venv/bin/ruff check . && .venv/bin/mypy && .venv/bin/python -m pytest"
 )
 # litellm settings the image bakes in; the only env vars values may name besides Config fields.
 LITELLM_OFFLINE_VARS = {"LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_OFFLINE_MODE"}

@@ -101,7 +101,7 @@ def test_a_bad_eval_file_gets_a_clear_error(tmp_path, content, message):
 
 
 def test_online_eval_checks_answers_and_citations_through_the_gateway(env, gateway, tmp_path):
-    folder = knowledge_dir(tmp_path, **{"gl.md": "# Import\nEU02 is unbalanced.\n# Close\nClose periods.\n"})
+    knowledge_dir(tmp_path, **{"gl.md": "# Import\nEU02 is unbalanced.\n# Close\nClose periods.\n"})
     spec = tmp_path / "online.json"
     spec.write_text(json.dumps({"knowledge": "knowledge", "thresholds": {"answers": 0.5}, "questions": [
         {"id": "good", "question": "EU02?", "expect_sections": ["gl.md § Import"], "must_contain": ["unbalanced"]},

@@ -15,9 +15,17 @@ import re
 
 import pytest
 import yaml
-
-from test_ops import (DASHBOARD, RULES, RULES_TESTS, alert_rules, bot_registry, ledger_bot, load_rules,
-                      runbook_anchors, runbook_text)
+from test_ops import (
+    DASHBOARD,
+    RULES,
+    RULES_TESTS,
+    alert_rules,
+    bot_registry,
+    ledger_bot,
+    load_rules,
+    runbook_anchors,
+    runbook_text,
+)
 
 # The contract (notes/contract.md, section Metrics): every histogram uses these bounds.
 CONTRACT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300)
@@ -143,7 +151,7 @@ def test_slo_ratios_are_recorded_as_bad_over_total_for_every_window_the_alerts_u
         _, total_neg = _selected_outcomes(total)
         # bad = total minus the good outcomes; total excludes only what never counts.
         assert bad_neg - total_neg == {"ok", "stopped_by_user"}, expr
-        assert NEVER_PAGE <= total_neg, expr
+        assert total_neg >= NEVER_PAGE, expr
 
 
 # ---------------------------------------------------------------------------------------- outcomes and paging

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from fakes import Script, wait_for
 from proxy.harness import (
     BOT_KEY,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from fakes import BOT_USER, TEAM, Script, wait_for
+from fakes import BOT_USER, TEAM, wait_for
 from test_bot import log_lines, replies
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")

@@ -9,10 +9,10 @@ import logging
 import threading
 
 import pytest
-
-import ledger_bot as lb
 from conftest import SECRETS
 from fakes import wait_for
+
+import ledger_bot as lb
 
 ME = lb.BotIdentity(user_id="UBOT", bot_id="BBOT", team_id="T1")
 VALID = {**SECRETS, "LITELLM_BASE_URL": "https://llm.example.com/api/v2"}

@@ -83,10 +83,10 @@ class RequestLog(CustomLogger):
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, default=str) + "\n")
 
-    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # noqa: ANN001
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
         self._write(kwargs, "success")
 
-    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):  # noqa: ANN001
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
         self._write(kwargs, "failure")
 
 

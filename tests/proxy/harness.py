@@ -31,10 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_httpserver import HTTPServer
-
 from conftest import SECRETS
 from fakes import FakeGateway, Script, free_port, http_get, wait_for
+from pytest_httpserver import HTTPServer
 
 HERE = Path(__file__).resolve().parent
 
@@ -88,7 +87,7 @@ class Upstream(FakeGateway):
         self._current.script = script
         return script
 
-    def _handle(self, request):  # noqa: ANN001, ANN202 - werkzeug Request -> Response
+    def _handle(self, request):
         response = super()._handle(request)
         script = getattr(self._current, "script", None)
         if isinstance(script, UpstreamScript) and script.headers is not None and script.status != 200:
@@ -224,7 +223,7 @@ def start_proxy(upstream: Upstream, workdir: Path, timeout: float = 90) -> RealP
         "LITELLM_TELEMETRY": "False",
         "NO_PROXY": "127.0.0.1,localhost",
     }
-    log = open(workdir / "proxy.log", "wb")  # noqa: SIM115 - the subprocess owns it until it exits
+    log = open(workdir / "proxy.log", "wb")
     started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--host", "127.0.0.1",
