@@ -42,7 +42,7 @@ def main() -> None:
     model = os.environ.get("LEDGER_BOT_MODEL", "bedrock-claude-4.5-sonnet")
 
     @app.event("app_mention")
-    def on_mention(event, client):  # noqa: ANN001
+    def on_mention(event, client):
         thread_ts = event.get("thread_ts") or event["ts"]
         placeholder = client.chat_postMessage(channel=event["channel"], thread_ts=thread_ts, text="Thinking…")
         completion = llm.chat.completions.create(

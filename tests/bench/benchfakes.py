@@ -41,7 +41,6 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
 import re
 import shutil
 import socket
@@ -192,7 +191,7 @@ class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
     server_version = "bench-fake"
     timeout = 120  # an idle kept-alive connection is dropped after this (real hosts do too)
 
-    def log_message(self, format, *args) -> None:  # noqa: A002, ANN001, ANN002
+    def log_message(self, format, *args) -> None:
         pass
 
     def _wsgi(self) -> None:
@@ -216,7 +215,7 @@ class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
                 environ["HTTP_" + key] = value
         started: list = []
 
-        def start_response(status, headers, exc_info=None):  # noqa: ANN001, ANN202
+        def start_response(status, headers, exc_info=None):
             started[:] = [status, headers]
             return lambda data: None
 
@@ -264,12 +263,12 @@ class _ShapedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # 100 clients connecting at once must not overflow the backlog
 
-    def __init__(self, host: str, shaped: "ShapedHTTPServer") -> None:
+    def __init__(self, host: str, shaped: ShapedHTTPServer) -> None:
         self.shaped = shaped
         super().__init__((host, 0), _KeepAliveHandler)
         self.port = self.server_address[1]
 
-    def finish_request(self, request, client_address) -> None:  # noqa: ANN001 - in the connection's thread
+    def finish_request(self, request, client_address) -> None:
         shaped = self.shaped
         shaped._count("connections")
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as production servers do
@@ -289,7 +288,7 @@ class _ShapedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 with contextlib.suppress(Exception):
                     conn.close()
 
-    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+    def handle_error(self, request, client_address) -> None:
         pass  # a client that went away mid-request (or a TLS EOF): nothing to report
 
 
@@ -351,7 +350,7 @@ class BenchSocketMode(FakeSocketMode):
         self.hello_times: list[float] = []
         super().__init__()
 
-    def _handle(self, ws):  # noqa: ANN001
+    def _handle(self, ws):
         self.hello_times.append(time.monotonic())
         return super()._handle(ws)
 
@@ -638,7 +637,7 @@ class _Text:
     prompt_tokens: int = 100
 
 
-def _gateway_main(conn, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:  # noqa: ANN001 - child process
+def _gateway_main(conn, rtt: float = 0.0, tls: TLSFiles | None = None) -> None:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

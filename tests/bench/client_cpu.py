@@ -21,7 +21,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ["LITELLM_OFFLINE_MODE"] = "true"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchfakes import GatewayProcess  # noqa: E402
+from benchfakes import GatewayProcess
 
 KEY = "sk-bench"
 MODEL = "bedrock-claude-4.5-sonnet"

@@ -36,7 +36,9 @@ Per process, in order (``--only`` picks scenarios, comma-separated; start-up and
              Web API / gateway calls and new connections per answer (counted by the fake servers)
   cpu        N 50-chunk answers from an instant model, 20 outstanding: CPU per answer (issue 15)
   overload   500 questions arriving at 100/s, at most 250 outstanding, answers taking ~1.5 s
-             (100 workers cannot keep up): ack p50/p99, answers/s, answered + busy notices, lost
+             (100 workers cannot keep up): ack p50/p99, answers/s, answered + busy notices, and
+             unfinished = neither answered nor refused 60 s after the last arrival (lost, or a
+             bot too slow to finish: its log tells which)
   tiers      (issue 10; fresh processes, round 1 only) a Slack
              fake that enforces the per-method rate tiers from the first call (benchfakes.SlackTiers):
              one 3,000-character answer alone (token -> visible p50/p95), then, in another fresh
@@ -78,7 +80,13 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from benchfakes import (  # noqa: E402
-    BenchSlack, BenchSocketMode, GatewayProcess, ShapedHTTPServer, TLSFiles, answer_text, make_tls,
+    BenchSlack,
+    BenchSocketMode,
+    GatewayProcess,
+    ShapedHTTPServer,
+    TLSFiles,
+    answer_text,
+    make_tls,
 )
 from fakes import BOT_USER, TEAM, free_port, http_get  # noqa: E402
 
@@ -118,7 +126,7 @@ TARGETS = {
     "soak_answers_per_s": ("report", None, None),
     "overload_ack_p99_ms": ("<= 100 ms", lambda v: v <= 100, None),
     "overload_answers_per_s": (">= baseline", None, None),
-    "overload_lost": ("0", lambda v: v == 0, None),
+    "overload_unfinished": ("0", lambda v: v == 0, None),
     "tiers_429s": ("0", lambda v: v == 0, None),
     "tiers_incomplete": ("0", lambda v: v == 0, None),
     "tiers_single_token_visible_p50_ms": ("<= 300 ms", lambda v: v <= 300, "loopback"),
@@ -517,7 +525,7 @@ class Run:
             "overload_ack_max_ms": max(acks, default=None), "overload_unacked": n - len(acks),
             "overload_answers_per_s": outs["answered"] / wall if wall else None,
             "overload_answered": outs["answered"], "overload_busy": busy,
-            "overload_other_notices": sum(outs["notices"].values()) - busy, "overload_lost": outs["missing"],
+            "overload_other_notices": sum(outs["notices"].values()) - busy, "overload_unfinished": outs["missing"],
             "overload_arrival_per_s": n / sent_for, "overload_peak_outstanding": peak,
             "overload_bot_cpu_pct": cpu / wall * 100 if wall else None,
         })
@@ -795,7 +803,10 @@ def main() -> int:
                     if not (run_scenarios & set(MAIN_SCENARIOS) or tiers_now):
                         continue
                     if run_scenarios & set(MAIN_SCENARIOS):
-                        print(f"round {i + 1}/{n_rounds} {t.name}: {impl.name} (soak {soak_n}) ...", file=sys.stderr, flush=True)
+                        print(f"round {i + 1}/{n_rounds} {t.name}: {impl.name} ("
+                              + ", ".join(f"{x} {soak_n}" if x == "soak" else f"{x} {cpu_n}" if x == "cpu" else x
+                                          for x in MAIN_SCENARIOS if x in run_scenarios) + ") ...",
+                              file=sys.stderr, flush=True)
                         res[impl.name] = run_one(impl, t, logdir, tag, soak_n, run_scenarios, cpu_n, args.profile)
                     if tiers_now:
                         print(f"round {i + 1}/{n_rounds} {t.name}: {impl.name} tiers ...", file=sys.stderr, flush=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchfakes import BenchSlack, BenchSocketMode  # noqa: E402
-from pytest_httpserver import HTTPServer  # noqa: E402
+from benchfakes import BenchSlack, BenchSocketMode
+from pytest_httpserver import HTTPServer
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
