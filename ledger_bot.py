@@ -620,6 +620,9 @@ def new_registry() -> prometheus_client.CollectorRegistry:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+NOT_CONNECTED = "no live Slack Socket Mode connection"
+
+
 class Health:
     """What the probes report. Written by the lifecycle code and SocketLink, read by the HTTP
     handler. ``connected`` is true only between a ``hello`` on a live connection and its loss."""
@@ -627,6 +630,7 @@ class Health:
     def __init__(self) -> None:
         self.connected = False
         self.stopping = False
+        self.waiting_for = NOT_CONNECTED  # why /ready is 503 while not connected
         self.liveness_checks: list[Callable[[], str | None]] = []  # each returns a problem or None
 
     def live(self) -> tuple[bool, dict[str, Any]]:
@@ -640,7 +644,7 @@ class Health:
                 "reason": "shutting down, not taking new questions",
             }
         if not self.connected:
-            return False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"}
+            return False, {"status": "not_ready", "reason": self.waiting_for}
         return True, {"status": "ready"}
 
 
@@ -774,9 +778,9 @@ class RateBudget:
         limit = self.per_minute.get(method)
         if limit is None:
             return True
-        key = f"{method}:{channel}" if method in PER_CHANNEL_METHODS else method
-        window = RATE_WINDOW_SECONDS * (1 / 60 if method in PER_CHANNEL_METHODS else 1)
-        limit = 1 if method in PER_CHANNEL_METHODS else limit
+        key, window = method, RATE_WINDOW_SECONDS
+        if method in PER_CHANNEL_METHODS:  # n a minute per channel: one every 60/n seconds
+            key, window, limit = f"{method}:{channel}", RATE_WINDOW_SECONDS / limit, 1
         deadline = self.clock() + wait
         while True:
             with self._lock:
@@ -801,6 +805,23 @@ class RateBudget:
             self._blocked_until[method] = max(
                 self._blocked_until.get(method, 0.0), self.clock() + seconds
             )
+
+
+def _seconds(value: Any, *, default: float) -> float:
+    """A Retry-After header as seconds (an HTTP date or junk counts as ``default``)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return default
+    return seconds if 0 <= seconds < 3600 else default
+
+
+def _field(resp: dict, key: str, method: str) -> str:
+    """A field an ``ok`` answer must have; SlackError if Slack left it out."""
+    value = resp.get(key)
+    if not isinstance(value, str) or not value:
+        raise SlackError(method, f"missing_{key}")
+    return value
 
 
 class SlackError(Exception):
@@ -841,6 +862,10 @@ class PooledWebClient(WebClient):
 
         parts = urllib.parse.urlsplit(url)
         conn = self._connection(parts.scheme, parts.netloc)
+        # As urllib does: an error while connecting or sending is a URLError, which slack_sdk
+        # retries (nothing reached Slack); one while waiting for the answer is raised as it is
+        # and not retried, because Slack may have acted on the call (a second startStream or
+        # postMessage would show the text twice).
         try:
             conn.request(
                 req.get_method(),
@@ -848,13 +873,15 @@ class PooledWebClient(WebClient):
                 body=req.data,
                 headers=dict(req.header_items()),
             )
-            resp = conn.getresponse()
-            body = resp.read()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise urllib.error.URLError(
-                e
-            ) from e  # what slack_sdk's ConnectionErrorRetryHandler expects
+            raise urllib.error.URLError(e) from e
+        try:
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            raise
         if resp.status >= 400:
             raise urllib.error.HTTPError(
                 url, resp.status, resp.reason, resp.headers, io.BytesIO(body)
@@ -938,7 +965,8 @@ class SlackApi:
     SlackAuthFailed (the token was refused: ``on_auth_failed`` is told, once per token), SlackBusy
     (Slack answered 429: the method is paused for its Retry-After and nobody sleeps on it), or
     SlackError (any other Slack error, and every transport error: refused, reset, timed out).
-    Nothing else escapes. Thread-safe; holds no lock while it talks to Slack.
+    Nothing else escapes (a field an answer lacks is a SlackError too). Thread-safe; holds no
+    lock while it talks to Slack.
     """
 
     def __init__(
@@ -971,7 +999,9 @@ class SlackApi:
             code = str(e.response.get("error") or "slack_api_error")
             if e.response.status_code == 429:
                 self.metrics.slack_rate_limited.labels(method=method).inc()
-                self.budget.block(method, float(e.response.headers.get("Retry-After") or 1))
+                self.budget.block(
+                    method, _seconds(e.response.headers.get("Retry-After"), default=1.0)
+                )
                 log_event(
                     logging.WARNING,
                     "slack_rate_limited",
@@ -992,7 +1022,7 @@ class SlackApi:
         """``auth.test``: who the bot is."""
         resp = self.call("auth.test", wait=5)
         return BotIdentity(
-            user_id=resp["user_id"],
+            user_id=_field(resp, "user_id", "auth.test"),
             bot_id=resp.get("bot_id") or "",
             team_id=resp.get("team_id") or "",
         )
@@ -1046,7 +1076,7 @@ class SlackApi:
     ) -> str:
         """``chat.postMessage`` of one markdown block (plain ``text`` kept for notifications);
         returns the new message's ts."""
-        return self.call(
+        resp = self.call(
             "chat.postMessage",
             wait=wait,
             channel=channel,
@@ -1056,7 +1086,8 @@ class SlackApi:
             metadata=message_metadata(metadata_type, ref),
             unfurl_links=False,
             unfurl_media=False,
-        )["ts"]
+        )
+        return _field(resp, "ts", "chat.postMessage")
 
     def update_message(
         self,
@@ -1100,7 +1131,7 @@ class SlackApi:
         self, *, channel: str, thread_ts: str, markdown: str, user: str, team: str, wait: float = 0
     ) -> str:
         """``chat.startStream`` with the first text; returns the streaming message's ts."""
-        return self.call(
+        resp = self.call(
             "chat.startStream",
             wait=wait,
             channel=channel,
@@ -1108,7 +1139,8 @@ class SlackApi:
             markdown_text=markdown,
             recipient_user_id=user,
             recipient_team_id=team or None,
-        )["ts"]
+        )
+        return _field(resp, "ts", "chat.startStream")
 
     def append_stream(self, *, channel: str, ts: str, markdown: str, wait: float = 0) -> None:
         """``chat.appendStream``; ``stopped_by_user`` once the person pressed Stop."""
@@ -1186,7 +1218,7 @@ class SlackApi:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 kind = resp.headers.get_content_type()
                 data = resp.read(max_bytes + 1)
-        except OSError as e:
+        except (OSError, ValueError, __import__("http.client").client.HTTPException) as e:
             raise SlackError("files", type(e).__name__) from None
         if kind == "text/html":
             raise SlackError("files", "login_page (is files:read granted?)")
@@ -1551,13 +1583,16 @@ def neutralise_broadcasts(text: str) -> str:
         name = m.group(1) or m.group(3) or m.group(2) or "group"
         return "@" + _WORD_JOINER + name.lstrip("@")
 
-    return _BROADCAST.sub(inert, text)
+    # Any other special command (<!date…>, an unclosed <!here…) is made plain text too: the
+    # bot never needs one, and a label split across chunks must not close into a mention.
+    return _BROADCAST.sub(inert, text).replace("<!", "<" + _WORD_JOINER + "!")
 
 
 def _unsafe_tail(text: str) -> int:
     """How many trailing characters of ``text`` could still become a crowd mention once more
-    text arrives (an unclosed ``<!…`` or a bare ``@her``), and so must not be sent yet."""
-    lt = text.rfind("<", max(0, len(text) - 80))
+    text arrives (an unclosed ``<!…``, a lone ``<``, or a bare ``@her``), and so must not be
+    sent yet."""
+    lt = text.rfind("<")
     if lt >= 0 and ">" not in text[lt:] and (text[lt : lt + 2] == "<!" or len(text) - lt == 1):
         return len(text) - lt
     at = re.search(r"@[A-Za-z]{0,8}$", text)
@@ -1567,47 +1602,46 @@ def _unsafe_tail(text: str) -> int:
 SOURCES_MARK = "Sources:"
 
 
+def _sources_line(line: str) -> str | None:
+    """The labels part of a ``Sources:`` line (markdown emphasis allowed), else None."""
+    stripped = line.strip().lstrip("*_ ")
+    return stripped[len(SOURCES_MARK) :].strip("*_ ") if stripped.startswith(SOURCES_MARK) else None
+
+
 class AnswerText:
     """The model's streamed text on its way to Slack (pure). ``feed`` returns what may be shown
     now; ``end`` returns the rest and the source labels cited on the answer's last
-    ``Sources:`` line (see SYSTEM_PROMPT), which is never shown. Crowd mentions are made inert,
-    and text that could still turn into one, or into the Sources line, is held back a moment."""
+    ``Sources:`` line (see SYSTEM_PROMPT), which is never shown. A ``Sources:`` line followed
+    by more text was ordinary text after all, and is shown. Crowd mentions are made inert;
+    text that could still turn into one, into the last line, or be the blank space before it,
+    is held back until more text decides."""
 
     def __init__(self) -> None:
         self._held = ""
-        self._trailer: str | None = None
 
     def feed(self, text: str) -> str:
-        if self._trailer is not None:
-            self._trailer += text
-            return ""
         self._held += text
-        line_start = self._held.rfind("\n") + 1
-        last_line = self._held[line_start:]
-        if last_line.lstrip("*_ ").startswith(SOURCES_MARK):
-            self._trailer, self._held = last_line, self._held[:line_start]
-            return ""
-        if last_line.strip() and SOURCES_MARK.startswith(last_line.lstrip("*_ ")):
-            upto = line_start  # this line could still become the Sources line
+        held = self._held
+        body = held.rstrip()
+        last = body[body.rfind("\n") + 1 :]
+        stripped = last.strip().lstrip("*_ ")
+        if stripped and (stripped.startswith(SOURCES_MARK) or SOURCES_MARK.startswith(stripped)):
+            upto = len(body) - len(last)  # the last line may be (or become) the Sources line
         else:
-            upto = len(self._held) - _unsafe_tail(self._held)
-        # Trailing blank space waits too: it may be the gap before the Sources line.
-        return self._release(min(upto, len(self._held[:upto].rstrip())))
-
-    def _release(self, upto: int) -> str:
-        out, self._held = self._held[:upto], self._held[upto:]
+            upto = len(held) - _unsafe_tail(held)
+        upto = len(held[:upto].rstrip())  # blank space waits: it may precede the Sources line
+        out, self._held = held[:upto], held[upto:]
         return neutralise_broadcasts(out)
 
     def end(self) -> tuple[str, list[str]]:
-        rest = neutralise_broadcasts(self._held)
+        body = self._held.rstrip()
         self._held = ""
-        if self._trailer is None:
-            return rest, []
-        first_line = self._trailer.strip().split("\n")[0].lstrip("*_ ")
-        labels = first_line[len(SOURCES_MARK) :].strip("*_ ")
-        return rest.rstrip(), [
-            label.strip().strip("`[]*") for label in labels.split(";") if label.strip()
-        ]
+        start = body.rfind("\n") + 1
+        labels = _sources_line(body[start:])
+        if labels is None:
+            return neutralise_broadcasts(body), []
+        cited = [label.strip().strip("`[]*") for label in labels.split(";") if label.strip()]
+        return neutralise_broadcasts(body[:start].rstrip()), cited
 
 
 # -- the AI pane, the thread shortcut, the Home tab, screenshots (pure) -------------------
@@ -1936,11 +1970,6 @@ class BM25:
         return sorted(scored, key=lambda pair: (-pair[0], pair[1]))
 
 
-def rank_sections(sections: list[Section], query: str) -> list[Section]:
-    """``BM25(sections).rank(query)``, for one-off use."""
-    return BM25(sections).rank(query)
-
-
 @dataclasses.dataclass(frozen=True)
 class KnowledgeChoice:
     """What goes into the system prompt: the text, whether it is the whole (cacheable) base,
@@ -1997,16 +2026,9 @@ class KnowledgeStore:
     every ``check_every`` s, by whoever asks for ``current()``). A reload that fails keeps the
     old knowledge and logs one ``knowledge_reload_failed`` line per broken version."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        check_every: float = 5.0,
-        on_reload: Callable[[KnowledgeBase], None] = lambda kb: None,
-    ):
+    def __init__(self, path: Path, *, check_every: float = 5.0):
         self.path = path
         self.check_every = check_every
-        self.on_reload = on_reload
         self._lock = threading.Lock()
         self._fingerprint = self._scan()
         self._base = KnowledgeBase(load_knowledge(path))
@@ -2052,7 +2074,6 @@ class KnowledgeStore:
                         path=str(self.path),
                         sections=len(base.sections),
                     )
-                    self.on_reload(base)
         finally:
             self._lock.release()
         return self._base
@@ -2349,11 +2370,7 @@ def stream_completion(
             time.sleep(delay)
     raw = getattr(response, "completion_stream", None) or response
     try:
-        for chunk in _sse_chunks(raw):
-            if time.monotonic() > answer_by:
-                raise LLMFailure(
-                    "timeout", f"answer exceeded {config.ledger_bot_answer_max_seconds}s"
-                )
+        for chunk in _sse_chunks(raw, answer_by, config.ledger_bot_answer_max_seconds):
             choices = chunk.get("choices") or []
             if choices:
                 text = (choices[0].get("delta") or {}).get("content")
@@ -2372,6 +2389,11 @@ def stream_completion(
                 close()
 
 
+def _check_deadline(answer_by: float, limit: float) -> None:
+    if time.monotonic() > answer_by:
+        raise LLMFailure("timeout", f"answer exceeded {limit}s")
+
+
 class StreamedError(Exception):
     """An error event inside the gateway's SSE stream (the proxy's mid-stream failure), with
     the status its ``code`` names, so it classifies like the same error before the stream."""
@@ -2385,17 +2407,20 @@ class StreamedError(Exception):
         )
 
 
-def _sse_chunks(raw: Any) -> Iterator[dict]:
+def _sse_chunks(raw: Any, answer_by: float, limit: float) -> Iterator[dict]:
     """The stream's chunks as plain dicts, read from the HTTP response itself: reading on past
     ``[DONE]`` to the end of the body lets the connection go back to the pool (the openai
     client's own iterator stops at ``[DONE]`` and closes it), and skips building a pydantic
-    object per chunk. An error event raises StreamedError."""
+    object per chunk. An error event raises StreamedError; a stream still going at
+    ``answer_by`` (keep-alive comments count) raises LLMFailure("timeout")."""
     response = getattr(raw, "response", None)
     if response is None or not hasattr(response, "iter_lines"):
         for chunk in raw:  # another client shape: its own objects, as dicts
+            _check_deadline(answer_by, limit)
             yield chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
         return
     for line in response.iter_lines():
+        _check_deadline(answer_by, limit)
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
@@ -2500,7 +2525,6 @@ class _Visible:
     ts: str
     shown: str = ""
     streaming: bool = False
-    final: bool = False  # a message that carries metadata/buttons already (never a placeholder)
 
 
 class Reply:
@@ -2554,8 +2578,10 @@ class Reply:
         self.received = received
         self.metrics = metrics
         self.pending = ""
-        self.closed = False
-        self.stopped = False
+        self.closed = False  # no more text will be added
+        self.finished = False  # the final delivery went through
+        self.stopped = False  # the person pressed Stop
+        self.final_wait = 60.0  # seconds a final delivery may wait for rate budget
         self.visible: _Visible | None = None
         self.shown_any = False
         self.last_flush = 0.0
@@ -2570,27 +2596,32 @@ class Reply:
 
     def show_feedback(self) -> None:
         """Status if Slack allows it, else a placeholder (then no streaming: the placeholder is
-        updated in place instead)."""
-        if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
-            self.status_at = time.monotonic()
-            return
-        ts = self.api.post_message(
-            channel=self.q.channel,
-            thread_ts=self.q.thread_ts,
-            markdown=PLACEHOLDER_TEXT,
-            metadata_type=NOTICE_METADATA,
-            ref=self.ref,
-        )
-        self.visible = _Visible(ts)
-        self.use_stream = False
+        updated in place instead). Holds ``_turn``: the placeholder is the visible message."""
+        with self._turn:
+            if self.closed:
+                return
+            if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+                self.status_at = time.monotonic()
+                return
+            ts = self.api.post_message(
+                channel=self.q.channel,
+                thread_ts=self.q.thread_ts,
+                markdown=PLACEHOLDER_TEXT,
+                metadata_type=NOTICE_METADATA,
+                ref=self.ref,
+            )
+            self.visible = _Visible(ts)
+            self.use_stream = False
 
     def add(self, text: str) -> None:
-        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser."""
+        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser, or
+        Interrupted once shutdown has ended the reply (only another thread can close it while
+        its worker adds), so the worker stops reading the model."""
         with self._lock:
             if self.stopped:
                 raise StoppedByUser()
             if self.closed:
-                return
+                raise Interrupted()
             self.pending += text
             due = not self.shown_any or len(self.pending) >= self.flush_chars or self._time_due()
         if due:
@@ -2636,18 +2667,22 @@ class Reply:
         )
 
     def fail(self, notice: str) -> bool:
-        """End the reply with ``notice`` after whatever text was already shown. False (and
-        nothing posted) if the reply had already ended, or the person pressed Stop."""
+        """End the reply with ``notice`` after whatever text was already shown (including text
+        a failed final delivery left behind). False (and nothing posted) if the reply was
+        already delivered, or the person pressed Stop."""
         with self._lock:
-            if self.closed or self.stopped:
+            if self.finished or self.stopped:
                 return False
             self.closed = True
             self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
         self._deliver(final=True, wait=True, metadata_type=NOTICE_METADATA)
         return True
 
-    # The shutdown path ends a reply its worker is still writing: the same as fail().
-    interrupt = fail
+    def interrupt(self, notice: str) -> bool:
+        """Shutdown's: end a reply its worker may still be writing with ``notice``, waiting at
+        most a few seconds for rate budget (the grace period is short). As ``fail``."""
+        self.final_wait = 5.0
+        return self.fail(notice)
 
     def _time_due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
@@ -2665,14 +2700,16 @@ class Reply:
     ) -> None:
         """Send pending text to Slack. Takes ``_turn`` (waiting for it only if ``wait``), moves
         the pending text to ``_out`` under ``_lock``, and puts back what could not go out yet.
-        ``final`` sends everything, waiting for rate budget, ends the last message, and never
-        leaves a message streaming, whatever fails."""
+        ``final`` sends everything, waiting up to ``final_wait`` for rate budget, and ends the
+        last message; if it fails, the open stream is still stopped (retried with the same
+        wait), and what was not shown stays pending for ``fail``."""
         if not self._turn.acquire(blocking=wait):
             return
         try:
             with self._lock:
+                if self.finished or (self.closed and not final):
+                    return  # ended meanwhile: only a final delivery may write now
                 self._out, self.pending = self.pending, ""
-            self.last_flush = time.monotonic()
             try:
                 self._send(
                     final=final,
@@ -2680,6 +2717,7 @@ class Reply:
                     feedback=feedback,
                     sources=sources or [],
                 )
+                self.finished = final
             except SlackError as e:
                 if e.code in STOPPED_CODES:
                     self._stopped()
@@ -2688,6 +2726,8 @@ class Reply:
                 else:  # a flush that could not go out loses nothing: it goes with the next one
                     log_event(logging.DEBUG, "flush_deferred", ref=self.ref, error=e.code)
             finally:
+                # Stamped after the call: a slow Slack must not turn every token into a flush.
+                self.last_flush = time.monotonic()
                 if final and not self.stopped:
                     self._abandon_stream()
                 with self._lock:
@@ -2737,12 +2777,14 @@ class Reply:
                     channel=self.q.channel,
                     error=e.code,
                 )
-                self._abandon_stream()
+                if not self._abandon_stream() and final and not self._out.strip():
+                    raise  # nothing left to post the ending with: the reply is not finished
         self._send_messages(final, metadata_type, feedback, sources)
 
-    def _abandon_stream(self) -> None:
+    def _abandon_stream(self) -> bool:
         """Stop using streams: end the open one (so chat.update may edit it) and continue it as
-        an ordinary message from exactly what it shows."""
+        an ordinary message from exactly what it shows. False if the stream could not be ended
+        (the rest then goes into new messages)."""
         self.use_stream = False
         if self.visible is not None and self.visible.streaming:
             try:
@@ -2751,12 +2793,17 @@ class Reply:
                     ts=self.visible.ts,
                     metadata_type=NOTICE_METADATA,
                     ref=self.ref,
-                    wait=30,
+                    wait=self.final_wait,
                 )
             except SlackError as e:
                 if e.code not in STREAM_GONE_CODES:
+                    # Still streaming: chat.update would fail, so what is left gets posted,
+                    # and Slack ends the stream itself after ~5 minutes.
                     log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
+                    self.visible = None
+                    return False
             self.visible.streaming = False
+        return True
 
     def _send_stream(
         self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
@@ -2776,7 +2823,7 @@ class Reply:
                     markdown=send,
                     user=self.q.user,
                     team=self.q.team,
-                    wait=30 if final else 0,
+                    wait=self.final_wait / 2 if final else 0,
                 )
                 self.visible = _Visible(ts, send, streaming=True)
                 self._shown(send)
@@ -2801,7 +2848,7 @@ class Reply:
                 metadata_type=metadata_type if last else ANSWER_METADATA,
                 ref=self.ref,
                 extra_blocks=self._closing_blocks(feedback, sources) if last else None,
-                wait=60 if final else 5,
+                wait=self.final_wait if final else 5,
             )
             self._shown(send)
             self.visible = None
@@ -2849,6 +2896,7 @@ class Reply:
                     metadata_type=metadata_type,
                     ref=self.ref,
                     extra_blocks=closing if len(pieces) == 1 else None,
+                    wait=self.final_wait / 2,
                 )
                 self._shown(pieces[0])
                 rest = pieces[1:]
@@ -2860,8 +2908,8 @@ class Reply:
                 _, reopen = fence_seam(v.shown)
                 rest = split_message(reopen + text, MARKDOWN_LIMIT) if text.strip() else []
             self.visible = None
-        else:
-            rest = split_message(text, MARKDOWN_LIMIT) if text.strip() else []
+        else:  # a new message: the blank lines that joined text to the last one go
+            rest = split_message(text.lstrip("\n"), MARKDOWN_LIMIT) if text.strip() else []
         for i, piece in enumerate(rest):
             self.api.post_message(
                 channel=self.q.channel,
@@ -2870,6 +2918,7 @@ class Reply:
                 metadata_type=metadata_type,
                 ref=self.ref,
                 extra_blocks=closing if i == len(rest) - 1 else None,
+                wait=self.final_wait / 2,
             )
             self._shown(piece)
         self._out = ""
@@ -3166,7 +3215,9 @@ class ThreadVerdicts:
     thread's first message, or it has answered there)? Each thread is checked once, under a
     lock: a second question arriving while the first check runs waits for its verdict instead
     of being answered. Positive verdicts are remembered for a week, negative ones for an hour
-    (a later mention in the thread makes it the bot's via ``remember``)."""
+    (a later mention in the thread makes it the bot's via ``remember``, in this process). A
+    check that fails (Slack error) decides nothing: that question is skipped, nothing is
+    cached, and the next question checks again."""
 
     def __init__(self, check: Callable[[str, str], bool], max_items: int = 20_000):
         self.check = check
@@ -3191,12 +3242,14 @@ class ThreadVerdicts:
         verdict: bool | None = None
         try:
             verdict = self.check(channel, thread_ts)
+        except SlackError as e:  # unknown, not "no": this question is skipped, nothing cached
+            log_event(logging.WARNING, "followup_check_failed", channel=channel, error=e.code)
         finally:
             with self._lock:
                 if verdict is not None:
                     self._put(key, verdict)
                 self._checking.pop(key).set()
-        return verdict
+        return bool(verdict)
 
     def remember(self, channel: str, thread_ts: str) -> None:
         with self._lock:
@@ -3289,7 +3342,7 @@ class Answerer:
         self.llm_client = llm_client
         self.verdicts = ThreadVerdicts(self._thread_started_with_mention)
         self.flusher = Flusher(interval=config.flusher_interval)
-        self._open: dict[str, tuple[Job, Reply]] = {}
+        self._open: dict[str, tuple[Job, Reply | None]] = {}
         self._open_lock = threading.Lock()
         self._reserve_usd: float | None = None
 
@@ -3309,37 +3362,48 @@ class Answerer:
 
     def answer(self, job: Job) -> str:
         """Answer ``job``; returns the outcome (also logged and counted unless shutdown got there
-        first). Follow-ups in threads that are not the bot's are dropped silently."""
-        q = job.question
-        if q.kind == "followup" and not self.verdicts.is_bot_thread(q.channel, q.thread_ts):
-            log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
-            job.settle()
-            return "ignored"
-        admitted = self.limits.admit(q.user, self.reserve_usd())
-        if isinstance(admitted, Refusal):
-            if job.settle():
-                self.refuse(job, admitted.outcome, admitted.notice)
-            return admitted.outcome
-        c = self.config
-        reply = Reply(
-            self.api,
-            q,
-            job.ref,
-            streaming=c.ledger_bot_streaming,
-            flush_chars=c.ledger_bot_stream_flush_chars,
-            flush_seconds=c.ledger_bot_stream_flush_seconds,
-            feedback=c.ledger_bot_feedback,
-            received=job.received,
-            metrics=self.metrics,
-        )
+        first). The job is visible to ``interrupt_open`` from the moment a worker takes it."""
         with self._open_lock:
-            self._open[job.ref] = (job, reply)
+            self._open[job.ref] = (job, None)
+        try:
+            return self._answer(job)
+        finally:
+            with self._open_lock:
+                self._open.pop(job.ref, None)
+
+    def _answer(self, job: Job) -> str:
+        q, c = job.question, self.config
         usage, shown_text = Usage(), []
         messages: list[dict] = []
         outcome, detail = "ok", None
         cited: list[Section] = []
         choice: KnowledgeChoice | None = None
+        admitted: Reservation | Refusal | None = None
+        reply: Reply | None = None
         try:
+            # Follow-ups in threads that are not the bot's are dropped silently.
+            if q.kind == "followup" and not self.verdicts.is_bot_thread(q.channel, q.thread_ts):
+                log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
+                job.settle()
+                return "ignored"
+            admitted = self.limits.admit(q.user, self.reserve_usd())
+            if isinstance(admitted, Refusal):
+                if job.settle():
+                    self.refuse(job, admitted.outcome, admitted.notice)
+                return admitted.outcome
+            reply = Reply(
+                self.api,
+                q,
+                job.ref,
+                streaming=c.ledger_bot_streaming,
+                flush_chars=c.ledger_bot_stream_flush_chars,
+                flush_seconds=c.ledger_bot_stream_flush_seconds,
+                feedback=c.ledger_bot_feedback,
+                received=job.received,
+                metrics=self.metrics,
+            )
+            with self._open_lock:
+                self._open[job.ref] = (job, reply)
             reply.show_feedback()
             self.metrics.first_feedback.observe(time.monotonic() - job.received)
             thread = (
@@ -3376,7 +3440,7 @@ class Answerer:
                 stream.close()  # after Stop or a failure: the gateway stops generating
             rest, labels = text.end()
             cited = cited_sections(choice, labels)
-            reply.finish(rest + files_note, cited)
+            reply.finish(rest + neutralise_broadcasts(files_note), cited)
             if reply.stopped:
                 raise StoppedByUser()
             if c.ledger_bot_follow_ups and q.in_thread:
@@ -3385,20 +3449,27 @@ class Answerer:
             outcome, detail = outcome_of(exc)
             if outcome == "internal_error":
                 log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
-        finally:
-            with self._open_lock:
-                self._open.pop(job.ref, None)
         if not job.settle():
             return "interrupted"  # shutdown ended this reply and recorded it
-        if OUTCOMES[outcome].notice and outcome != "ok":
-            try:
-                reply.fail(notice_text(outcome, job.ref))
-            except SlackError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
-        if not usage.completion_tokens and shown_text:
-            self._estimate(usage, messages, "".join(shown_text))
-        cost = cost_usd(c, usage)
-        self.limits.settle(admitted, cost)
+        notice = (
+            notice_text(outcome, job.ref) if outcome != "ok" and OUTCOMES[outcome].notice else ""
+        )
+        try:
+            if notice and reply is not None:
+                reply.fail(notice)
+            elif notice:
+                self.refuse(job, outcome, post=True, count=False)
+        except SlackError as e:
+            log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+        cost = 0.0
+        try:
+            if not usage.completion_tokens and shown_text:
+                self._estimate(usage, messages, "".join(shown_text))
+            cost = cost_usd(c, usage)
+        except Exception:
+            log.exception("cost_failed", extra={"fields": {"ref": job.ref}})
+        if isinstance(admitted, Reservation):
+            self.limits.settle(admitted, cost)
         self._record(job, outcome, detail, usage, cost, choice, cited)
         return outcome
 
@@ -3434,40 +3505,61 @@ class Answerer:
         usage.completion_tokens = count(text)
         usage.estimated = True
 
-    def interrupt_open(self) -> int:
-        """Shutdown: end every reply still being written with RESTART_NOTICE (stream stopped),
-        recording outcome ``interrupted``; returns how many."""
+    def interrupt_open(self, deadline: float = 10.0) -> int:
+        """Shutdown: end every question a worker still holds with RESTART_NOTICE (stream
+        stopped), all at once, within ``deadline`` seconds; each is recorded once, as
+        ``interrupted`` (by whichever of this and its worker settles it). Returns how many."""
         with self._open_lock:
             open_now = list(self._open.values())
-        ended = 0
-        for job, reply in open_now:
-            if not job.settle():
-                continue
+
+        def end(job: Job, reply: Reply | None) -> None:
             try:
-                reply.interrupt(notice_text("interrupted", job.ref))
+                if reply is None:  # taken by a worker, no reply yet
+                    if job.settle():
+                        self.refuse(job, "interrupted")
+                elif reply.interrupt(notice_text("interrupted", job.ref)) and job.settle():
+                    self._record(
+                        job, "interrupted", "drain deadline passed", Usage(), 0.0, None, []
+                    )
             except SlackError as e:
                 log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
-            self._record(job, "interrupted", "drain deadline passed", Usage(), 0.0, None, [])
-            ended += 1
-        return ended
+
+        threads = [
+            threading.Thread(target=end, args=pair, name="interrupt", daemon=True)
+            for pair in open_now
+        ]
+        for t in threads:
+            t.start()
+        finish_by = time.monotonic() + deadline
+        for t in threads:
+            t.join(max(0.0, finish_by - time.monotonic()))
+        return len(open_now)
 
     def refuse(
-        self, job: Job, outcome: str, notice: str | None = None, *, post: bool = True
+        self,
+        job: Job,
+        outcome: str,
+        notice: str | None = None,
+        *,
+        post: bool = True,
+        count: bool = True,
     ) -> None:
-        """Turn a question away: count and log it, and post its notice in the thread."""
+        """Turn a question away: count and log it (unless ``count`` is False: the caller
+        records it), and post its notice in the thread."""
         q = job.question
-        self.metrics.answers.labels(outcome=outcome).inc()
-        log_event(
-            OUTCOMES[outcome].level,
-            "answer",
-            ref=job.ref,
-            channel=q.channel,
-            user=q.user,
-            latency_ms=0,
-            outcome=outcome,
-            event_id=q.event_id,
-            kind=q.kind,
-        )
+        if count:
+            self.metrics.answers.labels(outcome=outcome).inc()
+            log_event(
+                OUTCOMES[outcome].level,
+                "answer",
+                ref=job.ref,
+                channel=q.channel,
+                user=q.user,
+                latency_ms=0,
+                outcome=outcome,
+                event_id=q.event_id,
+                kind=q.kind,
+            )
         if post and (notice or OUTCOMES[outcome].notice):
             try:
                 self.api.post_message(
@@ -3481,10 +3573,8 @@ class Answerer:
                 log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
 
     def _thread_started_with_mention(self, channel: str, thread_ts: str) -> bool:
-        try:
-            root = self.api.fetch_thread_root(channel=channel, thread_ts=thread_ts)
-        except SlackError:
-            return False
+        """Raises SlackError when it cannot tell (ThreadVerdicts caches nothing then)."""
+        root = self.api.fetch_thread_root(channel=channel, thread_ts=thread_ts)
         return root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
 
     def _record(
@@ -3916,7 +4006,7 @@ class Dispatcher:
 # 13. Socket Mode
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-PING_INTERVAL_SECONDS = 2.0  # slack_sdk pings this often; Slack answers each with a pong
+PING_INTERVAL_SECONDS = 3.0  # slack_sdk pings this often (its own stale check: 4 missed pongs)
 DEAD_AFTER_SECONDS = 10.0  # no pong and no frame for this long: the connection is dead
 HELLO_WAIT_SECONDS = 10.0  # a new connection that says no hello within this is retried
 RECEIVE_BUFFER_BYTES = 512 * 1024  # slack_sdk's 1 KB default recurses per chunk on MB frames
@@ -3926,11 +4016,14 @@ class SocketLink:
     """The Socket Mode connection: opens it, acks envelopes on the reader thread, and keeps
     /ready true only while a connection that said ``hello`` is alive.
 
-    slack_sdk's own reconnection is off: its stale check takes ~30 s to notice a connection
-    that died without a close frame, it does not retry a reconnect that fails, and it retries a
-    revoked token forever. The socket-watchdog thread does it instead: a connection with no pong
-    or frame for DEAD_AFTER_SECONDS is dead; a lost one is replaced with capped backoff; one
-    line is logged per transition; a refused app token calls ``on_auth_failed``.
+    slack_sdk's own reconnection is off (``auto_reconnect_enabled=False``): its stale check
+    notices a connection that died without a close frame only after 4 pings, it does not retry
+    a reconnect that fails, and it retries a revoked token forever. It still reconnects once on
+    a ``disconnect`` frame; the watchdog gives that HELLO_WAIT_SECONDS before it steps in, and
+    never starts a connect while one is in flight. The socket-watchdog thread does the rest: a
+    connection with no pong or frame for DEAD_AFTER_SECONDS is dead; a lost one is replaced with
+    capped backoff; one line is logged per transition; a refused app token calls
+    ``on_auth_failed``.
     """
 
     def __init__(
@@ -3963,9 +4056,8 @@ class SocketLink:
         self._acked: dict[Any, float | None] = {}
         self._acked_cv = threading.Condition()
         self._hellos = 0
-        self._alive_at = (
-            0.0  # wall clock of the last frame or hello (pongs are read from slack_sdk)
-        )
+        self._alive_at = 0.0  # wall clock of the last frame (pongs are read from slack_sdk)
+        self._attempt_at = 0.0  # monotonic time of the last connect started (ours or slack_sdk's)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -3986,6 +4078,7 @@ class SocketLink:
         return False
 
     def _open(self) -> bool:
+        self._attempt_at = time.monotonic()
         try:
             self.client.connect_to_new_endpoint(force=True)
             return True
@@ -4001,10 +4094,9 @@ class SocketLink:
             return False
 
     def _watch(self) -> None:
-        """socket-watchdog: once a second, is the connection alive? If not, replace it."""
+        """socket-watchdog: twice a second, is the connection alive? If not, replace it."""
         delays = backoff_delays()
         retry_at = 0.0
-        attempt_at = time.monotonic()
         while not self._stop.wait(0.5):
             now = time.monotonic()
             if self.health.connected:
@@ -4020,11 +4112,11 @@ class SocketLink:
                 else:
                     delays = backoff_delays()
                 continue
-            if now < retry_at or (
-                now - attempt_at < HELLO_WAIT_SECONDS and self.client.is_connected()
-            ):
-                continue
-            attempt_at = now
+            in_flight = self.client.connect_operation_lock.locked()
+            if in_flight or now < retry_at or now - self._attempt_at < HELLO_WAIT_SECONDS:
+                continue  # a connect is running, backing off, or waiting for its hello
+            with contextlib.suppress(Exception):
+                self.client.disconnect()  # a session that never said hello is not kept
             if not self._open():
                 wait = next(delays)
                 retry_at = now + wait
@@ -4064,15 +4156,21 @@ class SocketLink:
                 acked = (
                     isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
                 )
-                if acked:
-                    self.client.send_socket_mode_response({"envelope_id": envelope_id})
-                    self.metrics.ack_latency.observe(time.monotonic() - now)
+                # Recorded before the ack goes out, so _on_request never misses an acked one.
                 with self._acked_cv:
                     self._acked[envelope_id] = now if acked else None
                     if len(self._acked) > 10_000:  # envelopes slack_sdk never handed on
                         for stale in list(self._acked)[:1000]:
                             del self._acked[stale]
                     self._acked_cv.notify_all()
+                if acked:
+                    try:
+                        self.client.send_socket_mode_response({"envelope_id": envelope_id})
+                    except Exception:
+                        with self._acked_cv:  # not acked after all: Slack will redeliver it
+                            self._acked[envelope_id] = None
+                        raise
+                    self.metrics.ack_latency.observe(time.monotonic() - now)
             kind = frame.get("type")
             if kind == "hello":
                 self._hellos += 1
@@ -4082,6 +4180,7 @@ class SocketLink:
                 self._no_delay()
                 log_event(logging.INFO, "slack_connected", connections=self._hellos)
             elif kind == "disconnect":
+                self._attempt_at = time.monotonic()  # slack_sdk reconnects on this frame itself
                 self._set_connected(False)
                 log_event(logging.INFO, "slack_disconnect_requested", reason=frame.get("reason"))
         except Exception:
@@ -4092,7 +4191,8 @@ class SocketLink:
         not (Slack would redeliver it, and the redelivery is the one to answer)."""
         try:
             with self._acked_cv:
-                self._acked_cv.wait_for(lambda: req.envelope_id in self._acked, timeout=2)
+                # on_frame records before it acks, right after slack_sdk queues the frame.
+                self._acked_cv.wait_for(lambda: req.envelope_id in self._acked, timeout=10)
                 received = self._acked.pop(req.envelope_id, None)
             if received is None or self.health.stopping:
                 return
@@ -4805,11 +4905,13 @@ def _serve(
             return EXIT_SLACK_AUTH
         except SlackError as e:
             wait = next(delays)
+            health.waiting_for = f"Slack Web API unreachable ({e.code}); retrying"
             log_event(logging.WARNING, "slack_unreachable", error=e.code, retry_in_s=round(wait, 1))
             stop.wait(wait)
     if me is None:
         log_event(logging.INFO, "stopped", reason="signal before start-up completed")
         return 0
+    health.waiting_for = NOT_CONNECTED
     log_event(logging.INFO, "identity", user=me.user_id, bot_id=me.bot_id, team=me.team_id)
     bot = Bot(config, api, me, health, knowledge, metrics, fatal)
     # Slack sends events to any open connection: open one only once answers can start at once.

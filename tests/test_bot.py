@@ -275,14 +275,17 @@ def test_acks_stay_under_a_second_while_20_slow_answers_are_in_flight(start_bot,
     start_bot(LEDGER_BOT_WORKERS="20")
     release = threading.Event()
     gateway.default = lambda body: Script(release=release, chunk_delay=0.01)
-    first = [mention(slack, socket_mode, f"question {i}")[0] for i in range(20)]
+    # Different channels: in one channel Slack's one-post-per-second limit would serialise them.
+    first = [mention(slack, socket_mode, f"question {i}", channel=f"C1{i:02d}")[0] for i in range(20)]
     wait_for(lambda: len(gateway.requests) >= 20, 20, "20 questions at the gateway")
-    late = [mention(slack, socket_mode, f"late {i}") for i in range(10)]
+    late = [mention(slack, socket_mode, f"late {i}", channel=f"C2{i:02d}") for i in range(10)]
     ack_times = [socket_mode.wait_ack(eid) for _, eid in late]
     assert max(ack_times) < 1.0, ack_times
     release.set()
-    for msg in first + [m for m, _ in late]:
-        replies(slack, "C100", msg["ts"], timeout=30)
+    for i, msg in enumerate(first):
+        replies(slack, f"C1{i:02d}", msg["ts"], timeout=30)
+    for i, (msg, _) in enumerate(late):
+        replies(slack, f"C2{i:02d}", msg["ts"], timeout=30)
 
 
 # ── connection and lifecycle ─────────────────────────────────────────────────────────────

@@ -95,3 +95,31 @@ def test_gateway_answers_share_one_connection_through_the_shared_client(server):
                                             client=client)) == "kept alive"
         assert usage.completion_tokens == 2
     assert server.connections == 1
+
+
+def test_a_slack_call_that_times_out_waiting_for_the_answer_is_not_sent_twice():
+    """Slack may have acted on it (a second chat.startStream would show the text twice)."""
+    import socket
+    import time
+
+    from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler
+
+    received = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            received.append(time.monotonic())  # read the request, never answer
+
+    threading.Thread(target=serve, daemon=True).start()
+    web = lb.PooledWebClient(token="xoxb-1", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/api/",
+                             timeout=0.5, retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2)])
+    with pytest.raises(TimeoutError):
+        web.api_call("chat.startStream", json={"channel": "C1", "markdown_text": "hi"})
+    assert len(received) == 1
+    listener.close()

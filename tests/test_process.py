@@ -76,8 +76,9 @@ def test_sigterm_mid_answer_lets_the_answer_land_and_exits_0_with_no_secret_in_d
 def test_health_answers_before_slack_is_reachable_and_ready_says_why(spawn_bot):
     bot = spawn_bot(SLACK_API_URL="http://127.0.0.1:9/api/")  # nothing listens on port 9
     wait_for(lambda: bot.get("/health")[0] == 200, 10, "/health 200")
-    status, body = bot.get("/ready")
-    assert status == 503 and json.loads(body)["reason"] == "no live Slack Socket Mode connection"
+    status, body = wait_for(lambda: (r := bot.get("/ready")) and "unreachable" in r[1] and r, 20,
+                            "/ready saying why")
+    assert status == 503 and json.loads(body)["reason"] == "Slack Web API unreachable (URLError); retrying"
     code, out, _ = bot.terminate()
     assert code == 0
     assert '"event": "slack_unreachable"' in out

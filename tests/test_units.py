@@ -331,3 +331,95 @@ def test_every_outcome_has_a_level_and_failures_have_notices():
             "fleet_budget_exhausted"} <= set(lb.OUTCOMES)
     for kind, outcome in lb.OUTCOMES.items():
         assert (outcome.notice is None) == (kind in ("ok", "stopped_by_user")), kind
+
+
+@pytest.mark.parametrize(("chunks", "shown", "labels"), [
+    (["Answer\n\n", "Sources: Manual", " and Spreadsheet are journal sources.\n\nRun it.\n\nSources: kb/gl.md"],
+     "Answer\n\nSources: Manual and Spreadsheet are journal sources.\n\nRun it.", ["kb/gl.md"]),
+    (["Answer.\n\nSources: doc-a ; doc-b\n"], "Answer.", ["doc-a", "doc-b"]),
+    (["x <!subteam^S123|@" + "a" * 90, "> hi"], "x @\u2060" + "a" * 90 + " hi", []),
+    (["South of ", "the border"], "South of the border", []),
+])
+def test_answer_text_shows_everything_but_the_last_sources_line(chunks, shown, labels):
+    text = lb.AnswerText()
+    out = "".join(text.feed(c) for c in chunks)
+    rest, cited = text.end()
+    assert out + rest == shown and cited == labels
+
+
+class StubSlack:
+    """A SlackApi stand-in for Reply's own logic: streams work, chat.stopStream can be made
+    to fail, and every call is recorded."""
+
+    def __init__(self, stop_error=None, post_failures=0):
+        self.calls, self.stop_error, self.streaming = [], stop_error, set()
+        self.post_failures = post_failures
+
+    def set_status(self, **kw):
+        return True
+
+    def start_stream(self, **kw):
+        self.calls.append(("start", kw["markdown"]))
+        self.streaming.add("S1")
+        return "S1"
+
+    def append_stream(self, **kw):
+        self.calls.append(("append", kw["markdown"]))
+
+    def stop_stream(self, **kw):
+        self.calls.append(("stop", kw.get("markdown", "")))
+        if self.stop_error:
+            raise lb.SlackError("chat.stopStream", self.stop_error)
+        self.streaming.discard(kw["ts"])
+
+    def post_message(self, **kw):
+        if self.post_failures:
+            self.post_failures -= 1
+            raise lb.SlackError("chat.postMessage", "internal_error")
+        self.calls.append(("post", kw["markdown"]))
+        return f"P{len(self.calls)}"
+
+    def update_message(self, **kw):
+        self.calls.append(("update", kw["markdown"]))
+
+
+def stub_reply(api):
+    q = lb.Question(event_id="e", kind="mention", channel="C1", user="U1", team="T1", text="q", ts="1.0",
+                    thread_ts="1.0", in_thread=False)
+    metrics = lb.Metrics(lb.new_registry(), tuple(lb.OUTCOMES))
+    reply = lb.Reply(api, q, "lb-1", streaming=True, flush_chars=1, flush_seconds=0.01, feedback=True,
+                     received=0.0, metrics=metrics)
+    reply.final_wait = 0.1
+    reply.show_feedback()
+    return reply
+
+
+def test_a_stream_that_cannot_be_stopped_ends_in_a_posted_message():
+    api = StubSlack(stop_error="internal_error")
+    reply = stub_reply(api)
+    reply.add("Shown first.")
+    reply.flush_chars = 10_000
+    reply.add(" And the tail.")
+    reply.finish()
+    assert api.calls[-1] == ("post", " And the tail.")
+
+
+def test_a_failed_final_delivery_still_gets_a_notice_out():
+    api = StubSlack(stop_error="internal_error")
+    reply = stub_reply(api)
+    reply.add("All of it shown.")
+    with pytest.raises(lb.SlackError):
+        reply.finish()  # nothing left to carry the ending: the reply is not finished
+    assert reply.fail("Sorry, Slack failed. (ref `lb-1`)")
+    assert api.calls[-1] == ("post", "Sorry, Slack failed. (ref `lb-1`)")
+
+
+def test_shutdown_ends_a_reply_and_its_worker_stops_reading():
+    api = StubSlack()
+    reply = stub_reply(api)
+    reply.add("Partial")
+    assert reply.interrupt("I'm restarting (ref `lb-1`)")
+    with pytest.raises(lb.Interrupted):
+        reply.add(" more text the model keeps sending")
+    assert not reply.fail("late notice") and api.streaming == set()
+    assert api.calls[-1] == ("stop", " I'm restarting (ref `lb-1`)".replace(" I", "\n\nI"))
