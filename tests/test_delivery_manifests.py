@@ -18,11 +18,9 @@ fail) against KUBERNETES_VERSION.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
-
 from test_delivery import ENVIRONMENTS, IMAGE_REPOSITORY, REPO, WORKLOAD, _load_yaml, _values
 
 # Oldest Kubernetes minor we expect the EKS clusters to run (standard support); the schema of this version

@@ -17,7 +17,6 @@ import json
 import re
 
 import pytest
-
 from test_delivery import REPO, WORKFLOWS, _assert_clean, _run_tool, _workflow
 
 COMPANY_DEPLOY = "wealthsimple/github-workflows/.github/workflows/deploy.yml@v1"
