@@ -4,7 +4,9 @@ People @mention the bot in a channel or DM it; it reads the thread, asks the com
 gateway (Claude on Bedrock) with the team's knowledge base as context, and answers in the thread.
 
 Run it with ``python ledger_bot.py`` (configuration comes from the environment, see README.md);
-``python ledger_bot.py --check`` validates the configuration and both upstreams and exits 0/1.
+``--check`` validates the configuration and both upstreams and exits 0/1; ``--ask "…"``
+answers one question in the terminal; ``--eval FILE`` measures retrieval (and, ``--online``,
+answers) against a golden set.
 
 Sections, in the order a question travels through them:
   1. Configuration   - environment -> validated ``Config`` (exit 2 naming every bad variable)
@@ -29,12 +31,16 @@ Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
     connection that sends nothing is dropped after a few seconds).
   - slack_sdk's SocketModeClient: a reader thread, a message processor, a ping monitor and a
     listener pool. ``SocketLink.on_frame`` acks on the reader thread; the listener only
-    classifies and enqueues, it never waits on Slack.
+    classifies and enqueues (waiting at most for on_frame to record the ack), it never calls
+    Slack.
   - socket-watchdog: notices a dead or refused connection and reconnects with backoff.
   - answer-N: ``LEDGER_BOT_WORKERS`` threads taking questions from a bounded queue.
-  - notices: posts refusals (busy, not allowed, limits) and feedback thanks, off the listener.
+  - notices: every Slack call the dispatcher needs (refusals, feedback thanks, suggested
+    prompts, thread titles, the shortcut's modal, the Home tab), off the listener.
   - stream-flusher: shows buffered answer text when the model goes quiet (see Flusher).
   - litellm-import: imports litellm once (~4 s); the socket opens only after it finished.
+  - at shutdown only: socket-close (slack_sdk's slow close) and one interrupt thread per
+    answer still open when the drain deadline passes.
 """
 
 from __future__ import annotations
@@ -1646,6 +1652,18 @@ class AnswerText:
 
 # -- the AI pane, the thread shortcut, the Home tab, screenshots (pure) -------------------
 
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
+def _mrkdwn_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 SHORTCUT_CALLBACK = "ask_ledger_bot"  # the message shortcut (slack-app-manifest.yaml)
 MODAL_CALLBACK = "ask_ledger_bot_modal"
 MODAL_INPUT = ("question_block", "question")  # block_id, action_id of the modal's one field
@@ -2496,10 +2514,6 @@ def feedback_blocks(ref: str, serial: int) -> list[dict]:
     ]
 
 
-def _mrkdwn_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
     """A small context line naming the documents an answer cited; a link where the document
     declared ``source_url``."""
@@ -3201,13 +3215,6 @@ def _over(spent: float, reserve: float, budget: float) -> bool:
     """Would one more question overrun ``budget`` (0: none)? A budget smaller than one
     reservation still lets a question through when nothing else is spent or reserved."""
     return bool(budget) and (spent >= budget or (spent > 0 and spent + reserve > budget))
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 120:
-        return f"{seconds} seconds"
-    return f"{round(seconds / 60)} minutes"
 
 
 class ThreadVerdicts:
