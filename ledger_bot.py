@@ -581,7 +581,7 @@ class Metrics:
         )
         self.feedback = c(
             "ledger_bot_feedback",
-            "Answer feedback votes (a changed vote counts once more)",
+            "First feedback votes, one per person per answer (a changed vote is logged)",
             ["value"],
             registry=registry,
         )
@@ -1234,18 +1234,21 @@ class SlackApi:
 
     def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
         """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
-        Slack refuses it or its budget is spent. Slack clears it at the next post in the thread,
-        or after two minutes without one (the Answerer renews it while the model is silent)."""
+        Slack refuses it. Raises SlackBusy (never waits) when its budget is spent. Slack clears
+        it at the next post in the thread, or after two minutes without one (the Flusher renews
+        it while the model is silent)."""
         try:
             self.call(
                 "assistant.threads.setStatus",
-                wait=2,
+                wait=0,
                 channel_id=channel,
                 thread_ts=thread_ts,
                 status=status,
                 loading_messages=list(LOADING_MESSAGES),
             )
             return True
+        except SlackBusy:
+            raise
         except SlackError as e:
             log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
             return False
@@ -2610,12 +2613,17 @@ class Reply:
 
     def show_feedback(self) -> None:
         """Status if Slack allows it, else a placeholder (then no streaming: the placeholder is
-        updated in place instead). Holds ``_turn``: the placeholder is the visible message."""
+        updated in place instead). When the status budget is spent (many answers at once) there
+        is no placeholder either: it would need a chat.update later, from a smaller budget still.
+        Holds ``_turn``: the placeholder is the visible message."""
         with self._turn:
             if self.closed:
                 return
-            if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
-                self.status_at = time.monotonic()
+            try:
+                if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+                    self.status_at = time.monotonic()
+                    return
+            except SlackBusy:
                 return
             ts = self.api.post_message(
                 channel=self.q.channel,
@@ -2659,6 +2667,8 @@ class Reply:
             try:
                 if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
                     self.status_at = time.monotonic()
+            except SlackBusy:
+                pass  # the next flush tries again
             finally:
                 self._turn.release()
 
