@@ -94,7 +94,9 @@ class RunningBot:
     def get(self, path: str) -> tuple[int, str]:
         return http_get(self.health_url + path)
 
-    def wait_ready(self, timeout: float = 15) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
+        # The socket opens only once litellm is imported (~4 s idle, far longer on a loaded
+        # machine): a condition, so a generous bound costs nothing when the machine is idle.
         def ready() -> bool:
             assert self.thread.is_alive(), f"bot exited with {self.result.get('exit')} before it was ready"
             return self.get("/ready")[0] == 200

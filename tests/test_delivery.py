@@ -13,7 +13,7 @@ Sections:
   probes        the probe paths/port in the values are the ones the running bot serves.
   image         Dockerfile and workflows agree with the README and with each other.
   lock install  the Dockerfile's dependency step, run for real into a fresh venv (~25 s,
-                needs PyPI). Deselect with: pytest -k "not slow".
+                needs PyPI). Deselect with: pytest -m "not slow".
 """
 
 from __future__ import annotations
@@ -554,6 +554,7 @@ def test_main_runs_are_never_cancelled():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_image_dependency_step_installs_from_the_lock_slow(tmp_path):
     """Run the Dockerfile's own `pip install` flags against requirements.lock in a fresh venv,
     then import the runtime dependencies (what the image build would do, minus Docker)."""
