@@ -68,10 +68,9 @@ def main() -> None:
         before = tracemalloc.get_traced_memory()[0]
         sent = time.monotonic()
         socket_mode.send_event(event)
-        wait_for(lambda: len(slack.calls_to("chat.startStream")) > starts, 30, "first text")
+        wait_for(lambda n=starts: len(slack.calls_to("chat.startStream")) > n, 30, "first text")
         timings[kind].append((time.monotonic() - sent) * 1000)
-        wait_for(lambda: slack.calls_to("chat.stopStream") and len(slack.calls_to("chat.stopStream")) > i, 30,
-                 "answer done")
+        wait_for(lambda n=i: len(slack.calls_to("chat.stopStream")) > n, 30, "answer done")
         peaks[kind].append((tracemalloc.get_traced_memory()[1] - before) / 2**20)
     stop.set()
     for kind in timings:
