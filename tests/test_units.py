@@ -356,6 +356,7 @@ class StubSlack:
         self.post_failures = post_failures
 
     def set_status(self, **kw):
+        self.calls.append(("status", kw["thread_ts"]))
         return True
 
     def start_stream(self, **kw):
@@ -423,3 +424,15 @@ def test_shutdown_ends_a_reply_and_its_worker_stops_reading():
         reply.add(" more text the model keeps sending")
     assert not reply.fail("late notice") and api.streaming == set()
     assert api.calls[-1] == ("stop", " I'm restarting (ref `lb-1`)".replace(" I", "\n\nI"))
+
+
+def test_the_status_is_renewed_while_the_model_is_silent_and_not_after_text():
+    api = StubSlack()
+    reply = stub_reply(api)
+    reply.status_at -= lb.STATUS_RENEW_SECONDS + 1  # Slack clears it after two minutes
+    reply.flush_if_due()
+    assert [c for c in api.calls if c[0] == "status"] == [("status", "1.0")] * 2
+    reply.add("First text.")
+    reply.status_at -= lb.STATUS_RENEW_SECONDS + 1
+    reply.flush_if_due()
+    assert len([c for c in api.calls if c[0] == "status"]) == 2  # a post clears it anyway
