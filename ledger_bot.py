@@ -4025,7 +4025,7 @@ class Dispatcher:
 
 PING_INTERVAL_SECONDS = 3.0  # slack_sdk pings this often (its own stale check: 4 missed pongs)
 DEAD_AFTER_SECONDS = 10.0  # no pong and no frame for this long: the connection is dead
-HELLO_WAIT_SECONDS = 10.0  # a new connection that says no hello within this is retried
+HELLO_WAIT_SECONDS = 5.0  # a new connection that says no hello within this is retried
 RECEIVE_BUFFER_BYTES = 512 * 1024  # slack_sdk's 1 KB default recurses per chunk on MB frames
 
 

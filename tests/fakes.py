@@ -200,10 +200,10 @@ class FakeSocketMode:
         return self.acks[envelope_id] - self.sent[envelope_id]
 
     def close(self) -> None:
+        self.relay.close()  # first: a silenced connection would hold shutdown for its close timeout
         self._server.shutdown()
         for ws in self.live():
             ws.close()
-        self.relay.close()
 
 
 # ── Slack Web API ────────────────────────────────────────────────────────────────────────
