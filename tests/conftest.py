@@ -80,7 +80,9 @@ def env(slack, gateway):
         "HEALTH_PORT": str(free_port()),
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "json",
-        "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "5",
+        # Long enough that answers tests hold on purpose never time out on a busy machine;
+        # the timeout tests set their own.
+        "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "30",
         "LEDGER_BOT_LLM_MAX_RETRIES": "0",
         "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS": "10",
         "LEDGER_BOT_USER_RATE_LIMIT": "0",  # tests ask many questions as one user; limits have their own tests

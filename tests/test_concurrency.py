@@ -139,8 +139,9 @@ def test_dms_are_governed_by_the_user_allow_list_not_the_channel_list(start_bot,
 
 
 def test_a_busy_refusal_does_not_use_up_the_persons_rate_limit(start_bot, slack, socket_mode, gateway):
+    # The held answer must outlast the whole test (the default 5 s could expire on a busy machine).
     start_bot(LEDGER_BOT_WORKERS="1", LEDGER_BOT_QUEUE_SIZE="1", LEDGER_BOT_USER_RATE_LIMIT="2",
-              LEDGER_BOT_USER_RATE_WINDOW_SECONDS="600")
+              LEDGER_BOT_USER_RATE_WINDOW_SECONDS="600", LEDGER_BOT_LLM_TIMEOUT_SECONDS="60")
     release = threading.Event()
     gateway.default = lambda body: Script(release=release)
     first, _ = mention(slack, socket_mode, "one", user="U3")
