@@ -58,6 +58,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import http.server
@@ -516,86 +517,60 @@ class Metrics:
 
     def __init__(self, registry: prometheus_client.CollectorRegistry, outcomes: tuple[str, ...]):
         self.registry = registry
-        c, g, h = prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram
-        self.events = c(
+        counter = functools.partial(prometheus_client.Counter, registry=registry)
+        gauge = functools.partial(prometheus_client.Gauge, registry=registry)
+        latency = functools.partial(
+            prometheus_client.Histogram, buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.events = counter(
             "ledger_bot_events",
             "Socket Mode events received, by type and what the bot did with them",
             ["type", "outcome"],
-            registry=registry,
         )
-        self.answers = c(
-            "ledger_bot_answers", "Questions handled, by outcome", ["outcome"], registry=registry
+        self.answers = counter("ledger_bot_answers", "Questions handled, by outcome", ["outcome"])
+        self.ack_latency = latency(
+            "ledger_bot_ack_latency_seconds", "Envelope frame received -> ack sent"
         )
-        self.ack_latency = h(
-            "ledger_bot_ack_latency_seconds",
-            "Envelope frame received -> ack sent",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.first_feedback = h(
+        self.first_feedback = latency(
             "ledger_bot_first_feedback_seconds",
             "Event received -> 'thinking' status or placeholder visible",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.first_token = h(
-            "ledger_bot_first_token_seconds",
-            "Event received -> first answer text visible in Slack",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.first_token = latency(
+            "ledger_bot_first_token_seconds", "Event received -> first answer text visible in Slack"
         )
-        self.answer_duration = h(
-            "ledger_bot_answer_duration_seconds",
-            "Event received -> reply complete",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.answer_duration = latency(
+            "ledger_bot_answer_duration_seconds", "Event received -> reply complete"
         )
-        self.llm_tokens = c(
-            "ledger_bot_llm_tokens",
-            "Tokens reported (or, for a cut answer, estimated)",
-            ["kind"],
-            registry=registry,
+        self.llm_tokens = counter(
+            "ledger_bot_llm_tokens", "Tokens reported (or, for a cut answer, estimated)", ["kind"]
         )
-        self.llm_cost = c("ledger_bot_llm_cost_usd", "LLM cost in US dollars", registry=registry)
-        self.socket_connected = g(
+        self.llm_cost = counter("ledger_bot_llm_cost_usd", "LLM cost in US dollars")
+        self.socket_connected = gauge(
             "ledger_bot_socket_connected",
             "1 while a Socket Mode connection that said hello is alive",
-            registry=registry,
         )
-        self.socket_reconnects = c(
-            "ledger_bot_socket_reconnects",
-            "Socket Mode reconnections after the first connect",
-            registry=registry,
+        self.socket_reconnects = counter(
+            "ledger_bot_socket_reconnects", "Socket Mode reconnections after the first connect"
         )
-        self.slack_rate_limited = c(
-            "ledger_bot_slack_rate_limited",
-            "Slack 429 answers that reached the bot",
-            ["method"],
-            registry=registry,
+        self.slack_rate_limited = counter(
+            "ledger_bot_slack_rate_limited", "Slack 429 answers that reached the bot", ["method"]
         )
-        self.queue_depth = g(
-            "ledger_bot_worker_queue_depth", "Questions waiting for a worker", registry=registry
+        self.queue_depth = gauge("ledger_bot_worker_queue_depth", "Questions waiting for a worker")
+        self.workers_busy = gauge(
+            "ledger_bot_workers_busy", "Workers answering a question right now"
         )
-        self.workers_busy = g(
-            "ledger_bot_workers_busy", "Workers answering a question right now", registry=registry
-        )
-        self.feedback = c(
+        self.feedback = counter(
             "ledger_bot_feedback",
             "First feedback votes, one per person per answer (a changed vote is logged)",
             ["value"],
-            registry=registry,
         )
-        self.sources = c(
+        self.sources = counter(
             "ledger_bot_answer_sources",
             "Answers by whether they cited knowledge sources",
             ["cited"],
-            registry=registry,
         )
-        self.build_info = g(
-            "ledger_bot_build_info",
-            "Always 1; labels say what is running",
-            ["version", "git_sha"],
-            registry=registry,
+        self.build_info = gauge(
+            "ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"]
         )
         for outcome in outcomes:
             self.answers.labels(outcome=outcome)
