@@ -2290,10 +2290,7 @@ def _retry_delay(
         return 0.5 * 2**attempt
     if failure.kind == "rate_limited":
         headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-        try:
-            wait = float(headers.get("retry-after", ""))
-        except ValueError:
-            return None
+        wait = _seconds(headers.get("retry-after"), default=-1.0)
         return wait if 0 <= wait <= config.ledger_bot_llm_retry_after_max_seconds else None
     return None
 
@@ -2391,16 +2388,13 @@ def _check_deadline(answer_by: float, limit: float) -> None:
 
 
 class StreamedError(Exception):
-    """An error event inside the gateway's SSE stream (the proxy's mid-stream failure), with
-    the status its ``code`` names, so it classifies like the same error before the stream."""
+    """An error event inside the gateway's SSE stream (the proxy's mid-stream failure). Its
+    ``body`` carries the ``code`` that ``_error_facts`` reads as the status, so it classifies
+    like the same error before the stream."""
 
     def __init__(self, body: dict):
         super().__init__(str(body.get("message") or "error event in the stream"))
         self.body = body
-        code = body.get("code")
-        self.status_code = (
-            int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
-        )
 
 
 def _sse_chunks(raw: Any, answer_by: float, limit: float) -> Iterator[dict]:
@@ -3202,6 +3196,15 @@ def _over(spent: float, reserve: float, budget: float) -> bool:
     return bool(budget) and (spent >= budget or (spent > 0 and spent + reserve > budget))
 
 
+def bounded_put(mapping: collections.OrderedDict, key: Any, value: Any, limit: int) -> None:
+    """Set ``key`` as the newest entry of ``mapping``, forgetting the oldest beyond ``limit``:
+    the one shape of every bounded memory the bot keeps (verdicts, votes, AI-pane threads)."""
+    mapping[key] = value
+    mapping.move_to_end(key)
+    while len(mapping) > limit:
+        mapping.popitem(last=False)
+
+
 class ThreadVerdicts:
     """Follow-ups: is this channel thread one the bot belongs in (it was mentioned in the
     thread's first message, or it has answered there)? Each thread is checked once, under a
@@ -3254,10 +3257,8 @@ class ThreadVerdicts:
         return entry[0]
 
     def _put(self, key: str, verdict: bool) -> None:
-        self._verdicts[key] = (verdict, time.monotonic() + (7 * 24 * 3600 if verdict else 3600))
-        self._verdicts.move_to_end(key)
-        while len(self._verdicts) > self.max_items:
-            self._verdicts.popitem(last=False)
+        expires = time.monotonic() + (7 * 24 * 3600 if verdict else 3600)
+        bounded_put(self._verdicts, key, (verdict, expires), self.max_items)
 
 
 QUERY_THREAD_MESSAGES = (
@@ -3847,9 +3848,8 @@ class Dispatcher:
             return
         self.metrics.events.labels(type="assistant", outcome="accepted").inc()
         context = thread.get("context") or {}
-        self.assistant_threads[f"{channel}:{thread_ts}"] = str(context.get("channel_id") or "")
-        while len(self.assistant_threads) > 20_000:
-            self.assistant_threads.popitem(last=False)
+        key, viewing = f"{channel}:{thread_ts}", str(context.get("channel_id") or "")
+        bounded_put(self.assistant_threads, key, viewing, 20_000)
         log_event(
             logging.DEBUG,
             "assistant_thread",
@@ -3960,9 +3960,7 @@ class Dispatcher:
         )
         with self._votes_lock:
             before = self.votes.get(f"{ref}:{user}")
-            self.votes[f"{ref}:{user}"] = vote
-            while len(self.votes) > 50_000:
-                self.votes.popitem(last=False)
+            bounded_put(self.votes, f"{ref}:{user}", vote, 50_000)
         if before == vote:
             return
         if before is None:
