@@ -238,6 +238,32 @@ def test_cost_comes_from_the_registered_prices_with_anthropic_cache_rates():
     assert read == pytest.approx(0.3) and written == pytest.approx(3.75)
 
 
+def test_cost_is_what_litellm_computes_for_the_registered_alias():
+    config = lb.load_config(VALID)
+    lb.register_alias(config)
+    for usage in (lb.Usage(prompt_tokens=12_345, completion_tokens=678, cached_tokens=9_000,
+                           cache_creation_tokens=2_000),
+                  lb.Usage(prompt_tokens=500, completion_tokens=40),
+                  lb.Usage(prompt_tokens=100, cached_tokens=100)):
+        prompt, completion = lb._litellm().cost_per_token(
+            model=lb.model_id(config), prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, cache_read_input_tokens=usage.cached_tokens,
+            cache_creation_input_tokens=usage.cache_creation_tokens)
+        assert lb.cost_usd(config, usage) == pytest.approx(prompt + completion, rel=1e-9)
+
+
+def test_token_counts_are_remembered_per_text():
+    config = lb.load_config(VALID)
+    count = lb.token_counter(config)
+    text = "Reverse the journal in the next open period. " * 200
+    before = lb._count_tokens.cache_info()
+    first = count(text)
+    assert count(text) == first == lb._litellm().token_counter(model=lb.model_id(config), text=text)
+    after = lb._count_tokens.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert count("") == 0
+
+
 # ── health ───────────────────────────────────────────────────────────────────────────────
 
 
