@@ -26,7 +26,8 @@ Sections, in the order a question travels through them:
  15. Lifecycle       - worker pool, drain, signals, ``main()``
 
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
-  - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains.
+  - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains;
+    while it waits it returns freed heap memory to the OS (``release_free_memory``).
   - health-http: ``ThreadingHTTPServer`` answering probes (one short thread per request; a
     connection that sends nothing is dropped after a few seconds).
   - slack_sdk's SocketModeClient: a reader thread, a message processor, a ping monitor and a
@@ -4692,6 +4693,35 @@ class Bot:
         return drained
 
 
+# How often the main thread hands freed heap memory back to the OS while the bot runs.
+TRIM_EVERY_SECONDS = 30.0
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the OS; True if any were released.
+
+    glibc gives each of the many worker threads its own heap arena, and memory freed in the
+    middle of an arena stays resident: RSS crept up 5.5-5.8 % over the 10,000-answer soak
+    after warm-up while tracemalloc showed the Python heap flat. ``malloc_trim`` gives those
+    pages back (4.3-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
+    Called by the main thread: once after litellm's import, then every TRIM_EVERY_SECONDS.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
 def _warm_litellm(config: Config) -> None:
     """litellm-import: import litellm and register the alias, so the first question pays nothing."""
     try:
@@ -4925,9 +4955,11 @@ def _serve(
     # Slack sends events to any open connection: open one only once answers can start at once.
     while warm.is_alive() and not stop.is_set():
         warm.join(0.1)
+    release_free_memory()  # the import's garbage, before the first question
     connected = bot.connect(stop)
     if connected:
-        stop.wait()
+        while not stop.wait(TRIM_EVERY_SECONDS):
+            release_free_memory()
         log_event(
             logging.INFO, "stop_requested", reason="slack_auth_failed" if fatal.reason else "signal"
         )

@@ -409,3 +409,14 @@ def test_gateway_is_told_who_asked_without_slack_ids_and_tagged(start_bot, slack
     assert "U42" not in first["user"] and TEAM not in first["user"]
     assert first["metadata"]["tags"] == ["ledger-bot", "env:local"]
 
+
+def test_the_main_thread_returns_free_memory_to_the_os_while_it_waits(start_bot, monkeypatch):
+    import ledger_bot as lb
+
+    trims: list[str] = []
+    monkeypatch.setattr(lb, "TRIM_EVERY_SECONDS", 0.05)
+    monkeypatch.setattr(lb, "release_free_memory", lambda: trims.append(threading.current_thread().name))
+    bot = start_bot()
+    wait_for(lambda: len(trims) >= 3, 10, "three trims")
+    assert set(trims) == {"bot-main"}  # the thread main() runs on, never a worker
+    assert bot.stop() == 0

@@ -292,6 +292,36 @@ def test_ready_only_while_connected_and_never_after_stop_begins():
     assert health.ready()[0] is False and health.ready()[1]["status"] == "stopping"
 
 
+# ── memory ───────────────────────────────────────────────────────────────────────────────
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(lb._malloc_trim() is None, reason="needs glibc's malloc_trim (the image has it)")
+def test_freed_heap_pages_in_a_worker_arena_go_back_to_the_os():
+    kept: list[bytes] = []
+
+    def work() -> None:  # 60 MB in one thread's arena; every other block freed, leaving holes
+        blocks = [bytes(100_000) + bytes([i % 256]) for i in range(600)]
+        kept.extend(blocks[::2])
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    before = _rss_mib()
+    assert lb.release_free_memory() is True
+    assert before - _rss_mib() >= 10  # ~30 MB of holes; glibc alone keeps them resident
+    assert len(kept) == 300
+
+
+def test_releasing_memory_is_a_no_op_without_malloc_trim(monkeypatch):
+    monkeypatch.setattr(lb, "_malloc_trim", lambda: None)
+    assert lb.release_free_memory() is False
+
+
 # ── reply planning, mentions, budgets (pure) ─────────────────────────────────────────────
 
 
