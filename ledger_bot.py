@@ -4716,7 +4716,7 @@ def release_free_memory() -> bool:
     middle of an arena stays resident: RSS crept up 5.5-5.8 % over the 10,000-answer soak
     after warm-up while tracemalloc showed the Python heap flat. ``malloc_trim`` gives those
     pages back (4.3-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
-    Called by the main thread: once after litellm's import, then every TRIM_EVERY_SECONDS.
+    Called by the main thread every TRIM_EVERY_SECONDS while the bot runs.
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
@@ -4955,7 +4955,6 @@ def _serve(
     # Slack sends events to any open connection: open one only once answers can start at once.
     while warm.is_alive() and not stop.is_set():
         warm.join(0.1)
-    release_free_memory()  # the import's garbage, before the first question
     connected = bot.connect(stop)
     if connected:
         while not stop.wait(TRIM_EVERY_SECONDS):
