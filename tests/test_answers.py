@@ -75,6 +75,8 @@ def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_double
     # Kill the stream after the first append, as Slack does after ~5 minutes.
     slack.fail("chat.appendStream", error="message_not_in_streaming_state", times=5)
     msg, _ = mention(slack, socket_mode)
+    # The message shows the first half as finished before the update lands: wait for the update.
+    wait_for(lambda: slack.calls_to("chat.update"), 15, "the answer finished by chat.update")
     texts = replies(slack, "C100", msg["ts"])
     assert texts == [first_half + second_half]  # one message, the whole text, nothing doubled
     assert len(slack.calls_to("chat.startStream")) == 1 and slack.calls_to("chat.update")
