@@ -3,6 +3,7 @@ the way users do (in-process through ``ledger_bot.main`` and as a subprocess).""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -147,6 +148,7 @@ def start_bot(env, socket_mode):
     for bot in bots:
         if bot.thread.is_alive():
             bot.stop()
+    gc.unfreeze()  # main() froze everything alive, this suite's objects too: let them be collected
 
 
 @dataclass
