@@ -1,18 +1,20 @@
 """Where ledger-bot's idle RSS goes: the process's resident memory after each step of start-up.
 
-    .venv/bin/python tests/bench/rss_breakdown.py
+    .venv/bin/python tests/bench/rss_breakdown.py [--objects]
 
 Steps, in the order the bot takes them before its Socket Mode connection opens: the
 interpreter, ``import ledger_bot`` (slack_sdk, msgspec, prometheus_client), ``import litellm``
 (with the offline cost map, as the bot sets it), the alias registered and the tokenizer loaded
 by a first ``token_counter``, the shared openai client. Then what giving freed heap back to
-the OS (``release_free_memory``) takes off. Each step prints RSS and its increase, plus
-tracemalloc's count of live Python objects the step added, so a step whose memory is native
-(the tokenizer's Rust tables) shows as RSS without Python objects.
+the OS (``release_free_memory``) takes off. Each step prints RSS and its increase. With
+``--objects``, tracemalloc also counts the live Python objects each step added (a step whose
+memory is native, like the tokenizer's Rust tables, shows RSS without them); tracemalloc's own
+bookkeeping then inflates RSS, so read RSS from a run without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -29,8 +31,12 @@ def rss_mib() -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--objects", action="store_true", help="also count Python objects (tracemalloc)")
+    objects = ap.parse_args().objects
     rows: list[tuple[str, float, float]] = []
-    tracemalloc.start()
+    if objects:
+        tracemalloc.start()
 
     def step(name: str) -> None:
         gc.collect()
@@ -57,12 +63,12 @@ def main() -> None:
     lb.release_free_memory()
     step("release_free_memory()")
 
-    print(f"{'step':<42} {'RSS MiB':>8} {'+RSS':>7} {'+Python objects MiB':>20}")
+    print(f"{'step':<42} {'RSS MiB':>8} {'+RSS':>7}" + (f" {'+Python objects MiB':>20}" if objects else ""))
     prev_rss, prev_py = rows[0][1], rows[0][2]
     for name, rss, py in rows:
-        print(f"{name:<42} {rss:8.1f} {rss - prev_rss:+7.1f} {py - prev_py:+20.1f}")
+        extra = f" {py - prev_py:+20.1f}" if objects else ""
+        print(f"{name:<42} {rss:8.1f} {rss - prev_rss:+7.1f}{extra}")
         prev_rss, prev_py = rss, py
-    print("(tracemalloc itself adds memory; compare the +RSS column between steps, not the total)")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ implementations run at the same concurrency setting (100 workers; ledger-bot que
 Options: --bot PATH (a patched copy), --env KEY=VALUE (bot settings), --impl NAME (one
 implementation), --only SCENARIOS, --rounds N, --soak N, --profile (py-spy --gil per phase;
 summarise with folded.py). client_cpu.py and slack_cpu.py measure one gateway / Slack call's CPU
-per client library.
+per client library; rss_breakdown.py, the idle RSS step by step through start-up.
 """
 
 from __future__ import annotations
