@@ -23,7 +23,7 @@ Sections, in the order a question travels through them:
  12. Dispatch        - acked envelope -> ignore / duplicate / refuse / queue; feedback; notices
  13. Socket Mode     - ``SocketLink``: connect when warm, ack on the reader, detect dead links
  14. Terminal        - ``--ask`` and ``--eval``: the same pipeline without Slack
- 15. Lifecycle       - worker pool, drain, signals, ``main()``
+ 15. Lifecycle       - worker pool, drain, signals, memory (gc freeze, heap trim), ``main()``
 
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains;
