@@ -4714,9 +4714,9 @@ def release_free_memory() -> bool:
     """Return the C heap's free pages to the OS; True if any were released.
 
     glibc gives each of the many worker threads its own heap arena, and memory freed in the
-    middle of an arena stays resident: RSS crept up 5.5-5.8 % over the 10,000-answer soak
+    middle of an arena stays resident: RSS crept up 5.5-6.1 % over the 10,000-answer soak
     after warm-up while tracemalloc showed the Python heap flat. ``malloc_trim`` gives those
-    pages back (4.3-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
+    pages back (4.0-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
     Called by the main thread every TRIM_EVERY_SECONDS while the bot runs.
     """
     trim = _malloc_trim()
@@ -4957,8 +4957,9 @@ def _serve(
     while warm.is_alive() and not stop.is_set():
         warm.join(0.1)
     # A full garbage collection walks every tracked object with the interpreter lock held: with
-    # litellm's ~380,000 that is ~270 ms in which no envelope is acked. Objects alive now live
-    # as long as the process; frozen, collections only walk what answers create.
+    # litellm's ~380,000 that is ~270 ms in which no envelope is acked. What is alive now is
+    # start-up's (modules, litellm's tables); frozen, it is never scanned for cycles again (still
+    # freed by reference counting), and collections walk only what answers create.
     gc.freeze()
     connected = bot.connect(stop)
     if connected:
