@@ -799,6 +799,11 @@ def _seconds(value: Any, *, default: float) -> float:
     return seconds if 0 <= seconds < 3600 else default
 
 
+def slack_error_code(e: SlackApiError) -> str:
+    """Slack's error string from a failed call (``invalid_auth``, ``ratelimited``, …)."""
+    return str(e.response.get("error") or "slack_api_error")
+
+
 def _field(resp: dict, key: str, method: str) -> str:
     """A field an ``ok`` answer must have; SlackError if Slack left it out."""
     value = resp.get(key)
@@ -979,7 +984,7 @@ class SlackApi:
             )
             return dict(resp.data) if isinstance(resp.data, dict) else {}
         except SlackApiError as e:
-            code = str(e.response.get("error") or "slack_api_error")
+            code = slack_error_code(e)
             if e.response.status_code == 429:
                 self.metrics.slack_rate_limited.labels(method=method).inc()
                 self.budget.block(
@@ -4063,7 +4068,7 @@ class SocketLink:
         # envelope_id -> monotonic arrival if acked, None if not (no usable id, or stopping);
         # written by on_frame, popped by _on_request, which may run first (slack_sdk queues the
         # frame for its listeners before it calls on_frame) and so waits for the entry.
-        self._acked: dict[Any, float | None] = {}
+        self._acked: collections.OrderedDict[Any, float | None] = collections.OrderedDict()
         self._acked_cv = threading.Condition()
         self._hellos = 0
         self._alive_at = 0.0  # wall clock of the last frame (pongs are read from slack_sdk)
@@ -4093,9 +4098,7 @@ class SocketLink:
             self.client.connect_to_new_endpoint(force=True)
             return True
         except Exception as e:
-            code = (
-                str(e.response.get("error")) if isinstance(e, SlackApiError) else type(e).__name__
-            )
+            code = slack_error_code(e) if isinstance(e, SlackApiError) else type(e).__name__
             if code in FATAL_AUTH_ERRORS:
                 self.on_auth_failed("SLACK_APP_TOKEN", code)
                 self._stop.set()
@@ -4167,11 +4170,8 @@ class SocketLink:
                     isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
                 )
                 # Recorded before the ack goes out, so _on_request never misses an acked one.
-                with self._acked_cv:
-                    self._acked[envelope_id] = now if acked else None
-                    if len(self._acked) > 10_000:  # envelopes slack_sdk never handed on
-                        for stale in list(self._acked)[:1000]:
-                            del self._acked[stale]
+                with self._acked_cv:  # bounded: envelopes slack_sdk never handed on
+                    bounded_put(self._acked, envelope_id, now if acked else None, 10_000)
                     self._acked_cv.notify_all()
                 if acked:
                     try:
