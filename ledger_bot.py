@@ -899,11 +899,11 @@ class PooledWebClient(WebClient):
         return conn
 
 
-def make_web_client(config: Config, token: str | None = None) -> WebClient:
+def make_web_client(config: Config) -> WebClient:
     """A WebClient that keeps connections open and retries connection errors and 5xx; 429s
     are SlackApi's to handle."""
     return PooledWebClient(
-        token=token or config.slack_bot_token,
+        token=config.slack_bot_token,
         base_url=config.slack_api_url,
         timeout=15,
         retry_handlers=[
@@ -3701,6 +3701,9 @@ class Notifier:
         self._thread.join(timeout)
 
 
+FEEDBACK_THANKS = "Thanks for the feedback! It helps the BOR Write team improve my answers."
+
+
 class Dispatcher:
     """Decides what to do with one acked envelope: ignore, drop as duplicate, refuse (not
     allowed, busy), record a feedback vote, open the thread-question modal, set up an AI-pane
@@ -3938,9 +3941,12 @@ class Dispatcher:
             self.metrics.events.labels(type="app_home", outcome="ignored").inc()
             return
         self.metrics.events.labels(type="app_home", outcome="accepted").inc()
-        view = home_view(self.answerer.knowledge.current().sections, self.config)
-        self.notifier.submit(
-            lambda: self._quietly(self.answerer.api.publish_home, user=user, view=view)
+        self.notifier.submit(  # the view is built there too: current() may reload files
+            lambda: self._quietly(
+                self.answerer.api.publish_home,
+                user=user,
+                view=home_view(self.answerer.knowledge.current().sections, self.config),
+            )
         )
 
     @staticmethod
@@ -4002,19 +4008,14 @@ class Dispatcher:
         thread_ts = (payload.get("message") or {}).get("thread_ts") or None
         if channel and user and before is None:
             self.notifier.submit(
-                lambda: self._thank(channel=channel, user=user, thread_ts=thread_ts)
+                lambda: self._quietly(
+                    self.answerer.api.post_ephemeral,
+                    channel=channel,
+                    user=user,
+                    thread_ts=thread_ts,
+                    text=FEEDBACK_THANKS,
+                )
             )
-
-    def _thank(self, *, channel: str, user: str, thread_ts: str | None) -> None:
-        try:
-            self.answerer.api.post_ephemeral(
-                channel=channel,
-                user=user,
-                thread_ts=thread_ts,
-                text="Thanks for the feedback! It helps the BOR Write team improve my answers.",
-            )
-        except SlackError as e:
-            log_event(logging.WARNING, "feedback_thanks_failed", error=e.code)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -4056,7 +4057,7 @@ class SocketLink:
         self.on_auth_failed = on_auth_failed
         self.client = SocketModeClient(
             app_token=config.slack_app_token,
-            web_client=make_web_client(config, token=config.slack_bot_token),
+            web_client=make_web_client(config),
             auto_reconnect_enabled=False,
             ping_interval=PING_INTERVAL_SECONDS,
             receive_buffer_size=RECEIVE_BUFFER_BYTES,
