@@ -448,13 +448,11 @@ def setup_logging(level: str, fmt: str, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # slack_sdk logs every frame at DEBUG; keep it one notch quieter than ours unless DEBUG.
-    for name in QUIET_LOGGERS:
+    # slack_sdk logs every frame at DEBUG, the HTTP clients every request at INFO: keep them one
+    # notch quieter than ours unless DEBUG.
+    for name in ("slack_sdk", *QUIET_LOGGERS):
         logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
-    slack_logger = logging.getLogger("slack_sdk")
-    slack_logger.setLevel(level if level == "DEBUG" else "WARNING")
-    if not any(isinstance(f, _PayloadFilter) for f in handler.filters):
-        handler.addFilter(_PayloadFilter())
+    handler.addFilter(_PayloadFilter())
 
 
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
@@ -1812,9 +1810,10 @@ def home_view(sections: list[Section], config: Config) -> dict:
         {"type": "divider"},
         text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
     ]
+    first = len(blocks)
     for source, headings in documents.items():
         if len(blocks) >= 99:
-            blocks.append(text(f"…and {len(documents) - (len(blocks) - 7)} more files."))
+            blocks.append(text(f"…and {len(documents) - (len(blocks) - first)} more files."))
             break
         listed = ", ".join(h for h in headings if h) or "(no headings)"
         blocks.append(text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}"))
@@ -1944,6 +1943,7 @@ class BM25:
         self._counts = [collections.Counter(d) for d in docs]
         self._lengths = [len(d) for d in docs]
         self._avg = (sum(self._lengths) / len(docs) or 1.0) if docs else 1.0
+        self._norms = [self.k1 * (1 - self.b + self.b * n / self._avg) for n in self._lengths]
         df: collections.Counter[str] = collections.Counter()
         for counts in self._counts:
             df.update(counts.keys())
@@ -1966,8 +1966,7 @@ class BM25:
             for term in terms:
                 tf = counts.get(term, 0)
                 if tf:
-                    norm = self.k1 * (1 - self.b + self.b * self._lengths[index] / self._avg)
-                    score += self._idf[term] * tf * (self.k1 + 1) / (tf + norm)
+                    score += self._idf[term] * tf * (self.k1 + 1) / (tf + self._norms[index])
             if score > 0:
                 scored.append((score, index))
         return sorted(scored, key=lambda pair: (-pair[0], pair[1]))
@@ -2013,7 +2012,6 @@ class KnowledgeBase:
     def __init__(self, sections: list[Section]):
         self.sections = sections
         self.index = BM25(sections)
-        self.by_label = {s.label: s for s in sections}
         self._tokens: list[int] | None = None
         self._lock = threading.Lock()
 
@@ -4417,7 +4415,8 @@ def run_eval(
     root = (spec_path.parent / spec.knowledge) if spec.knowledge else config.knowledge_path
     kb = KnowledgeBase(load_knowledge(root))
     unknown = sorted(
-        {label for q in spec.questions for label in q.expect_sections} - kb.by_label.keys()
+        {label for q in spec.questions for label in q.expect_sections}
+        - {s.label for s in kb.sections}
     )
     if unknown:
         print(
