@@ -1753,6 +1753,25 @@ def with_images(messages: list[dict], images: list[tuple[str, bytes]]) -> list[d
     return [*messages[:-1], {**last, "content": parts}]
 
 
+# What Claude bills for one image at most: (width x height) / 750 tokens, and larger images are
+# scaled down to about 1.15 megapixels first (Anthropic's vision docs).
+IMAGE_TOKENS = 1_600
+
+
+def without_images(messages: list[dict]) -> tuple[list[dict], int]:
+    """``messages`` without the image parts ``with_images`` added, and how many there were."""
+    out: list[dict] = []
+    images = 0
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            kept = [p for p in content if p.get("type") != "image_url"]
+            images += len(content) - len(kept)
+            m = {**m, "content": kept}
+        out.append(m)
+    return out, images
+
+
 def skipped_files_note(skipped: list[str], unreadable: list[str]) -> str:
     notes = []
     if skipped:
@@ -3515,9 +3534,15 @@ class Answerer:
 
     def _estimate(self, usage: Usage, messages: list[dict], text: str) -> None:
         """A cut answer's tokens, counted here because the gateway never reported them: the
-        whole prompt was read, and what arrived of the answer was generated."""
+        whole prompt was read, and what arrived of the answer was generated. Images count
+        IMAGE_TOKENS each, not as the characters of their base64 (a 1 MB screenshot would
+        otherwise count ~950,000 tokens against the person's budget)."""
         count = token_counter(self.config)
-        usage.prompt_tokens = usage.prompt_tokens or count(json.dumps(messages, ensure_ascii=False))
+        if not usage.prompt_tokens:
+            text_only, images = without_images(messages)
+            usage.prompt_tokens = (
+                count(json.dumps(text_only, ensure_ascii=False)) + images * IMAGE_TOKENS
+            )
         usage.completion_tokens = count(text)
         usage.estimated = True
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 import json
 
-from fakes import BOT_USER, TEAM, wait_for
-from test_bot import log_lines, replies
+from fakes import BOT_USER, TEAM, Script, wait_for
+from test_bot import answer_lines, log_lines, replies
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
@@ -116,3 +116,19 @@ def test_a_screenshot_the_bot_cannot_fetch_never_fails_the_answer(start_bot, sla
     assert shown.startswith("The answer is 42.") and "couldn't open" in shown and "huge.png" in shown
     assert all(c.params["file"] != "FEVIL" for c in slack.calls_to("files.download"))
     assert any(x["event"] == "file_unreadable" for x in log_lines(capsys.readouterr().out))
+
+
+def test_a_cut_answer_counts_a_screenshot_as_an_image_not_as_its_base64(start_bot, slack, socket_mode, gateway,
+                                                                         capsys):
+    start_bot()
+    gateway.script(Script(text="Partial answer about the screenshot " * 5, chunk_size=20, error_after_chunks=3,
+                          error_event={"message": "overloaded", "type": "api_error", "code": "500"}))
+    shot = slack.add_file("error.png", "image/png", PNG + bytes(300_000))  # ~400,000 base64 characters
+    msg = slack.add_message("C100", user="U1", text=f"<@{BOT_USER}> what does this mean?")
+    socket_mode.send_event({"type": "app_mention", "channel": "C100", "user": "U1", "text": msg["text"],
+                            "ts": msg["ts"], "files": [shot], "team": TEAM})
+    line = wait_for(lambda: answer_lines(capsys.readouterr().out), 15, "the answer line")[0]
+    assert line["tokens"]["estimated"] is True
+    # The system prompt, the question and one image (1,600): a few thousand, not ~100,000.
+    assert 1_600 < line["tokens"]["prompt"] < 20_000
+

@@ -228,6 +228,16 @@ def test_questions_arriving_together_reserve_budget_so_they_cannot_overspend():
     assert isinstance(limits.admit("U99", reserve_usd=0.3), lb.Reservation)
 
 
+def test_without_images_takes_back_exactly_what_with_images_added():
+    messages = [{"role": "system", "content": [{"type": "text", "text": "sys", "cache_control": {"type": "x"}}]},
+                {"role": "user", "content": "<@U1>: what is this?"}]
+    shown = lb.with_images(messages, [("image/png", b"png-1"), ("image/jpeg", b"jpg-2")])
+    text_only, images = lb.without_images(shown)
+    assert images == 2
+    assert text_only == [messages[0], {"role": "user", "content": [{"type": "text", "text": "<@U1>: what is this?"}]}]
+    assert lb.without_images(messages) == (messages, 0)
+
+
 def test_cost_comes_from_the_registered_prices_with_anthropic_cache_rates():
     config = lb.load_config(VALID)
     assert lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000)) == pytest.approx(3.0)
