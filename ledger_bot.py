@@ -2211,17 +2211,27 @@ def cost_usd(config: Config, usage: Usage) -> float:
 
 
 def token_counter(config: Config) -> Callable[[str], int]:
-    """Count tokens of a text the way litellm does for the registered alias. Remembers the
-    last few hundred texts: the system prompt and a whole knowledge base are the same for every
-    question, and tokenizing them again was ~4 % of an answer's CPU (bench profile)."""
-    _litellm()
+    """Count tokens of a text the way litellm does for the registered alias. Long texts (4 KB
+    and over) are remembered, the last 16 of them: a whole knowledge base is the same for every
+    question, and tokenizing it again was ~4 % of an answer's CPU (bench profile). Short texts
+    (the 1 KB system prompt, most messages) are cheap to count, and the bound keeps one-off long
+    texts (a partial knowledge selection can be ~400 KB) from piling up."""
     register_alias(config)
     name = model_id(config)
-    return lambda text: _count_tokens(name, text) if text else 0
+
+    def count(text: str) -> int:
+        if len(text) >= REMEMBER_COUNT_CHARS:
+            return _count_remembered(name, text)
+        return int(_litellm().token_counter(model=name, text=text)) if text else 0
+
+    return count
 
 
-@functools.lru_cache(maxsize=256)
-def _count_tokens(model: str, text: str) -> int:
+REMEMBER_COUNT_CHARS = 4_096
+
+
+@functools.lru_cache(maxsize=16)
+def _count_remembered(model: str, text: str) -> int:
     return int(_litellm().token_counter(model=model, text=text))
 
 
@@ -3379,21 +3389,15 @@ class Answerer:
         self.flusher = Flusher(interval=config.flusher_interval)
         self._open: dict[str, tuple[Job, Reply | None]] = {}
         self._open_lock = threading.Lock()
-        self._reserve_usd: float | None = None
-
-    def reserve_usd(self) -> float:
-        """What a question is assumed to cost until it is answered: a 20,000-token prompt and
-        the longest answer allowed."""
-        if self._reserve_usd is None:
-            c = self.config
-            self._reserve_usd = cost_usd(
-                c,
-                Usage(
-                    prompt_tokens=min(c.ledger_bot_context_tokens, 20_000),
-                    completion_tokens=c.ledger_bot_max_output_tokens,
-                ),
-            )
-        return self._reserve_usd
+        # What a question is assumed to cost until it is answered: a 20,000-token prompt and
+        # the longest answer allowed.
+        self.reserve_usd = cost_usd(
+            config,
+            Usage(
+                prompt_tokens=min(config.ledger_bot_context_tokens, 20_000),
+                completion_tokens=config.ledger_bot_max_output_tokens,
+            ),
+        )
 
     def answer(self, job: Job) -> str:
         """Answer ``job``; returns the outcome (also logged and counted unless shutdown got there
@@ -3421,7 +3425,7 @@ class Answerer:
                 log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
                 job.settle()
                 return "ignored"
-            admitted = self.limits.admit(q.user, self.reserve_usd())
+            admitted = self.limits.admit(q.user, self.reserve_usd)
             if isinstance(admitted, Refusal):
                 if job.settle():
                     self.refuse(job, admitted.outcome, admitted.notice)

@@ -266,11 +266,15 @@ def test_token_counts_are_remembered_per_text():
     config = lb.load_config(VALID)
     count = lb.token_counter(config)
     text = "Reverse the journal in the next open period. " * 200
-    before = lb._count_tokens.cache_info()
+    before = lb._count_remembered.cache_info()
     first = count(text)
     assert count(text) == first == lb._litellm().token_counter(model=lb.model_id(config), text=text)
-    after = lb._count_tokens.cache_info()
+    after = lb._count_remembered.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert count("Reverse the journal.") == lb._litellm().token_counter(model=lb.model_id(config),
+                                                                         text="Reverse the journal.")
+    assert lb._count_remembered.cache_info() == after  # a short text is counted, not kept
+    assert after.maxsize == 16  # one-off long texts cannot pile up
     assert count("") == 0
 
 
