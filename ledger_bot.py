@@ -2211,11 +2211,12 @@ def cost_usd(config: Config, usage: Usage) -> float:
 
 
 def token_counter(config: Config) -> Callable[[str], int]:
-    """Count tokens of a text the way litellm does for the registered alias. Long texts (4 KB
-    and over) are remembered, the last 16 of them: a whole knowledge base is the same for every
-    question, and tokenizing it again was ~4 % of an answer's CPU (bench profile). Short texts
-    (the 1 KB system prompt, most messages) are cheap to count, and the bound keeps one-off long
-    texts (a partial knowledge selection can be ~400 KB) from piling up."""
+    """Count tokens of a text the way litellm does for the registered alias. Texts of 1,000
+    characters and over are remembered, the last 16 of them: the system prompt and a whole
+    knowledge base are the same for every question, and tokenizing them again was ~4 % of an
+    answer's CPU (bench profile). Shorter texts (most messages) are cheap to count, and the
+    bound keeps one-off long texts (a partial knowledge selection can be ~400 KB) from piling
+    up."""
     register_alias(config)
     name = model_id(config)
 
@@ -2227,7 +2228,7 @@ def token_counter(config: Config) -> Callable[[str], int]:
     return count
 
 
-REMEMBER_COUNT_CHARS = 4_096
+REMEMBER_COUNT_CHARS = 1_000
 
 
 @functools.lru_cache(maxsize=16)
