@@ -1591,9 +1591,14 @@ def _unsafe_tail(text: str) -> int:
 SOURCES_MARK = "Sources:"
 
 
+def _unemphasised(line: str) -> str:
+    """``line`` without surrounding blanks and leading markdown emphasis (``**Sources:**``)."""
+    return line.strip().lstrip("*_ ")
+
+
 def _sources_line(line: str) -> str | None:
     """The labels part of a ``Sources:`` line (markdown emphasis allowed), else None."""
-    stripped = line.strip().lstrip("*_ ")
+    stripped = _unemphasised(line)
     return stripped[len(SOURCES_MARK) :].strip("*_ ") if stripped.startswith(SOURCES_MARK) else None
 
 
@@ -1613,7 +1618,7 @@ class AnswerText:
         held = self._held
         body = held.rstrip()
         last = body[body.rfind("\n") + 1 :]
-        stripped = last.strip().lstrip("*_ ")
+        stripped = _unemphasised(last)
         if stripped and (stripped.startswith(SOURCES_MARK) or SOURCES_MARK.startswith(stripped)):
             upto = len(body) - len(last)  # the last line may be (or become) the Sources line
         else:
