@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
+import jsonschema
 import msgspec
 import pytest
 import yaml
@@ -31,15 +33,16 @@ SCOPES_FOR_METHOD = {
     "assistant.threads.setStatus": {"chat:write"},
     "assistant.threads.setSuggestedPrompts": {"assistant:write"},
     "assistant.threads.setTitle": {"assistant:write"},
-    "conversations.replies": {"channels:history", "groups:history", "im:history"},
+    "conversations.replies": {"channels:history", "groups:history", "im:history", "mpim:history"},
+    "reactions.add": {"reactions:write"},
     "views.open": set(),
     "views.publish": set(),
     "files": {"files:read"},  # SlackApi.download: url_private with the bot token
 }
 EVENTS_HANDLED = {"app_mention": {"app_mentions:read"}, "message.im": {"im:history"},
-                  "assistant_thread_started": {"assistant:write"},
-                  "assistant_thread_context_changed": {"assistant:write"}, "app_home_opened": set()}
-FOLLOW_UP_EVENTS = {"message.channels": {"channels:history"}, "message.groups": {"groups:history"}}
+                  "assistant_thread_started": {"assistant:write"}, "app_home_opened": set()}
+FOLLOW_UP_EVENTS = {"message.channels": {"channels:history"}, "message.groups": {"groups:history"},
+                    "message.mpim": {"mpim:history"}}
 MANIFESTS = {"slack-app-manifest.yaml": EVENTS_HANDLED,
              "slack-app-manifest.follow-ups.yaml": {**EVENTS_HANDLED, **FOLLOW_UP_EVENTS}}
 
@@ -83,6 +86,40 @@ def test_manifest_declares_exactly_the_scopes_and_events_the_code_uses(name):
     assert manifest["features"]["app_home"]["home_tab_enabled"] is True
     assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [lb.SHORTCUT_CALLBACK]
     assert manifest["features"]["assistant_view"]["assistant_description"]
+
+
+# Slack's own manifest schema (slackapi/manifest-schema, MIT; see tests/schemas/README.md): what
+# "Create New App -> From a manifest" checks a manifest against.
+MANIFEST_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "manifest.schema.2.0.0.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_slack_accepts_the_manifest(name):
+    manifest = yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(MANIFEST_SCHEMA).iter_errors(manifest)]
+    assert errors == []
+
+
+def test_the_schema_check_can_fail():
+    manifest = yaml.safe_load((ROOT / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
+    manifest["features"]["shortcuts"][0]["name"] = "Ask ledger-bot about this thread"  # 32 > 24
+    errors = list(jsonschema.Draft7Validator(MANIFEST_SCHEMA).iter_errors(manifest))
+    assert [list(e.absolute_path) for e in errors] == [["features", "shortcuts", 0, "name"]]
+
+
+def test_the_follow_ups_manifest_is_the_manifest_plus_the_follow_up_events():
+    plain = yaml.safe_load((ROOT / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
+    follow_ups = yaml.safe_load((ROOT / "slack-app-manifest.follow-ups.yaml").read_text(encoding="utf-8"))
+    events = follow_ups["settings"]["event_subscriptions"]["bot_events"]
+    assert set(events) - set(plain["settings"]["event_subscriptions"]["bot_events"]) == set(FOLLOW_UP_EVENTS)
+    follow_ups["settings"]["event_subscriptions"]["bot_events"] = plain["settings"]["event_subscriptions"]["bot_events"]
+    assert follow_ups == plain
+
+
+def test_the_home_tab_names_the_shortcut_as_the_manifest_does():
+    manifest = yaml.safe_load((ROOT / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
+    assert [s["name"] for s in manifest["features"]["shortcuts"]] == [lb.SHORTCUT_NAME]
 
 
 def test_ci_runs_exactly_the_readme_test_command():
