@@ -28,6 +28,8 @@ Sections, in the order a question travels through them:
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains;
     while it waits it returns freed heap memory to the OS (``release_free_memory``).
+  - signal-watch: turns SIGTERM/SIGINT into /ready 503 and the stop event the moment they
+    arrive, whatever the main thread is doing (``Signals``).
   - health-http: ``ThreadingHTTPServer`` answering probes (one short thread per request; a
     connection that sends nothing is dropped after a few seconds).
   - slack_sdk's SocketModeClient: a reader thread, a message processor, a ping monitor and a
@@ -36,8 +38,10 @@ Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
     Slack.
   - socket-watchdog: notices a dead or refused connection and reconnects with backoff.
   - answer-N: ``LEDGER_BOT_WORKERS`` threads taking questions from a bounded queue.
-  - notices: every Slack call the dispatcher needs (refusals, feedback thanks, suggested
-    prompts, thread titles, the shortcut's modal, the Home tab), off the listener.
+  - notices-trigger, notices-notices, notices-home: every Slack call the dispatcher needs, off
+    the listener, in three lanes so none waits behind another (``NOTICE_LANES``): the
+    shortcut's modal; refusals, feedback thanks, suggested prompts and thread titles; the
+    Home tab.
   - stream-flusher: shows buffered answer text when the model goes quiet (see Flusher).
   - litellm-import: imports litellm once (~4 s); the socket opens only after it finished.
   - at shutdown only: socket-close (slack_sdk's slow close) and one interrupt thread per
@@ -605,8 +609,9 @@ NOT_CONNECTED = "no live Slack Socket Mode connection"
 
 
 class Health:
-    """What the probes report. Written by the lifecycle code and SocketLink, read by the HTTP
-    handler. ``connected`` is true only between a ``hello`` on a live connection and its loss."""
+    """What the probes report. Written by the lifecycle code, SocketLink and the signal-watch
+    thread, read by the HTTP handler. ``connected`` is true only between a ``hello`` on a live
+    connection and its loss; ``stopping`` from the moment SIGTERM arrives."""
 
     def __init__(self) -> None:
         self.connected = False
@@ -627,6 +632,38 @@ class Health:
         if not self.connected:
             return False, {"status": "not_ready", "reason": self.waiting_for}
         return True, {"status": "ready"}
+
+
+class Signals:
+    """SIGTERM and SIGINT, turned into ``on_signal()`` by a thread of its own (signal-watch) the
+    moment they arrive. Python runs a signal handler only when the main thread next runs Python
+    code, which it may not for a while (waiting for the interpreter lock behind busy workers, or
+    inside a C call such as ``malloc_trim``), and a handler that sets an Event can deadlock on
+    the lock the main thread holds inside ``Event.wait``. Here the C-level handler writes the
+    signal to a pipe (``signal.set_wakeup_fd``), the Python-level one does nothing, and the
+    watcher wakes on the pipe. ``install`` must run on the main thread; ``close`` stops it."""
+
+    def __init__(self, on_signal: Callable[[], None]) -> None:
+        self.on_signal = on_signal
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # set_wakeup_fd's rule: a full pipe drops, never blocks
+        self._thread = threading.Thread(target=self._watch, name="signal-watch", daemon=True)
+
+    def install(self) -> None:
+        signal.set_wakeup_fd(self._write)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while os.read(self._read, 64):  # b"" once close() closed the writing end
+            self.on_signal()
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(self._write)
+        self._thread.join(2)
+        os.close(self._read)
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
@@ -712,9 +749,14 @@ SLACK_RATE_TIERS: dict[str, int] = {
     "assistant.threads.setTitle": TIER_4,
     "views.open": TIER_4,
     "views.publish": TIER_4,
+    "reactions.add": TIER_3,
 }
 PER_CHANNEL_METHODS = frozenset({"chat.postMessage"})
-JSON_METHOD_PREFIXES = ("chat.", "assistant.", "views.")
+# Block Kit limits the bot's payloads stay within (Slack refuses the whole payload otherwise).
+TEXT_OBJECT_LIMIT = 3_000  # characters in one text object (a section's text, a context element)
+VIEW_BLOCKS_LIMIT = 100  # blocks in a modal or the Home tab
+VIEW_BYTES_LIMIT = 250_000  # a view's JSON
+JSON_METHOD_PREFIXES = ("chat.", "assistant.", "views.", "reactions.")
 RATE_WINDOW_SECONDS = 61.0  # Slack counts per minute; a second of margin for clock and transit
 
 
@@ -812,12 +854,14 @@ def _field(resp: dict, key: str, method: str) -> str:
 
 class SlackError(Exception):
     """A Web API call failed. ``code`` is Slack's error string (``stopped_by_user``,
-    ``ratelimited``, ``streaming_state_conflict``, …) or the transport error's class name."""
+    ``ratelimited``, ``streaming_state_conflict``, …) or the transport error's class name;
+    ``needed`` the scope Slack named with ``missing_scope``."""
 
-    def __init__(self, method: str, code: str):
-        super().__init__(f"{method}: {code}")
+    def __init__(self, method: str, code: str, *, needed: str = ""):
+        super().__init__(f"{method}: {code}" + (f" (needs {needed})" if needed else ""))
         self.method = method
         self.code = code
+        self.needed = needed
 
 
 class SlackBusy(SlackError):
@@ -826,6 +870,13 @@ class SlackBusy(SlackError):
 
 class SlackAuthFailed(SlackError):
     """Slack refused a token (revoked, invalid, account inactive): no retry can help."""
+
+
+class _RateLimited(Exception):
+    """Slack answered 429; ``SlackApi.call`` waits ``retry_after`` seconds or gives up."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
 
 
 class PooledWebClient(WebClient):
@@ -935,6 +986,33 @@ def markdown_blocks(markdown: str, extra_blocks: list[dict] | None = None) -> li
     return [{"type": "markdown", "text": markdown}, *(extra_blocks or [])]
 
 
+# Where Slack serves files and answers response_urls; a download follows a redirect only to
+# these (HTTPS, the domain or a subdomain), at most MAX_REDIRECTS times, so the token and the
+# bytes stay Slack's. The whole download of one question's files ends by DOWNLOAD_SECONDS.
+SLACK_DOMAINS = ("slack.com", "slack-edge.com", "slack-files.com")
+MAX_REDIRECTS = 3
+DOWNLOAD_SECONDS = 15.0
+DOWNLOAD_CHUNK = 64 * 1024
+
+
+def _read_by(resp: Any, conn: Any, max_bytes: int, finish_by: float) -> bytes:
+    """The body of ``resp``, at most ``max_bytes``, read a chunk at a time so a server that
+    trickles bytes cannot hold the reader past ``finish_by``. Raises SlackError."""
+    data = bytearray()
+    while True:
+        left = finish_by - time.monotonic()
+        if left <= 0:
+            raise SlackError("files", "too_slow")
+        if conn.sock is not None:
+            conn.sock.settimeout(left)
+        chunk = resp.read1(DOWNLOAD_CHUNK)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > max_bytes:
+            raise SlackError("files", "too_large")
+
+
 LOADING_MESSAGES = (
     "Reading the thread…",
     "Checking the GL docs…",
@@ -946,10 +1024,11 @@ LOADING_MESSAGES = (
 class SlackApi:
     """Every Slack Web API call the bot makes, each a small method over one ``call``.
 
-    ``call`` spends the method's rate budget first (waiting at most ``wait`` seconds, else
-    raising SlackBusy without calling), then maps every failure to one of three exceptions:
-    SlackAuthFailed (the token was refused: ``on_auth_failed`` is told, once per token), SlackBusy
-    (Slack answered 429: the method is paused for its Retry-After and nobody sleeps on it), or
+    ``call`` spends the method's rate budget first, then maps every failure to one of three
+    exceptions: SlackAuthFailed (the token was refused: ``on_auth_failed`` is told, once per
+    token), SlackBusy (no call could be made within ``wait`` seconds: the budget is spent, or
+    Slack answered 429 with a Retry-After longer than the caller may wait; a 429 pauses the
+    method for every caller, and one that may wait that long tries again once it is free), or
     SlackError (any other Slack error, and every transport error: refused, reset, timed out).
     Nothing else escapes (a field an answer lacks is a SlackError too). Thread-safe; holds no
     lock while it talks to Slack.
@@ -968,12 +1047,26 @@ class SlackApi:
         self.on_auth_failed = on_auth_failed
 
     def call(self, method: str, *, wait: float, channel: str = "", **params: Any) -> dict:
-        if not self.budget.take(method, channel=channel, wait=wait):
-            raise SlackBusy(method, "rate_budget_spent")
+        deadline = time.monotonic() + wait
+        body = {k: v for k, v in {"channel": channel or None, **params}.items() if v is not None}
+        while True:
+            if not self.budget.take(
+                method, channel=channel, wait=max(0.0, deadline - time.monotonic())
+            ):
+                raise SlackBusy(method, "rate_budget_spent")
+            try:
+                return self._send(method, body)
+            except _RateLimited as limited:
+                # A 429 is a wait, not a failure: the method is paused for its Retry-After, and
+                # a caller that may wait that long takes the next free call (``take`` above).
+                self.budget.block(method, limited.retry_after)
+                if time.monotonic() + limited.retry_after > deadline:
+                    raise SlackBusy(method, "ratelimited") from None
+
+    def _send(self, method: str, body: dict) -> dict:
+        """One HTTP call of ``method``; every failure mapped as the class docstring says (a 429
+        raises _RateLimited, for ``call`` to wait on)."""
         try:
-            body = {
-                k: v for k, v in {"channel": channel or None, **params}.items() if v is not None
-            }
             # Write methods take JSON (blocks, metadata); reading methods only form/query fields.
             resp = (
                 self.web.api_call(method, json=body)
@@ -985,20 +1078,15 @@ class SlackApi:
             code = slack_error_code(e)
             if e.response.status_code == 429:
                 self.metrics.slack_rate_limited.labels(method=method).inc()
-                self.budget.block(
-                    method, _seconds(e.response.headers.get("Retry-After"), default=1.0)
-                )
+                retry_after = e.response.headers.get("Retry-After")
                 log_event(
-                    logging.WARNING,
-                    "slack_rate_limited",
-                    method=method,
-                    retry_after_s=e.response.headers.get("Retry-After"),
+                    logging.WARNING, "slack_rate_limited", method=method, retry_after_s=retry_after
                 )
-                raise SlackBusy(method, "ratelimited") from None
+                raise _RateLimited(_seconds(retry_after, default=1.0)) from None
             if code in FATAL_AUTH_ERRORS:
                 self.on_auth_failed("SLACK_BOT_TOKEN", code)
                 raise SlackAuthFailed(method, code) from None
-            raise SlackError(method, code) from None
+            raise SlackError(method, code, needed=str(e.response.get("needed") or "")) from None
         except (SlackClientError, OSError, ValueError) as e:  # refused, reset, timed out, bad JSON
             raise SlackError(method, type(e).__name__) from None
 
@@ -1177,6 +1265,11 @@ class SlackApi:
             title=title,
         )
 
+    def add_reaction(self, *, channel: str, ts: str, name: str = "eyes") -> None:
+        """``reactions.add`` on a person's message (never waits: it stands in for feedback
+        that could not go out at once)."""
+        self.call("reactions.add", wait=0, channel=channel, timestamp=ts, name=name)
+
     def open_view(self, *, trigger_id: str, view: dict) -> None:
         """``views.open``: a modal (the trigger expires after 3 s, so this never waits)."""
         self.call("views.open", wait=0, trigger_id=trigger_id, view=view)
@@ -1185,32 +1278,74 @@ class SlackApi:
         """``views.publish``: the person's Home tab."""
         self.call("views.publish", wait=10, user_id=user, view=view)
 
-    def download(self, url: str, *, max_bytes: int) -> tuple[bytes, str]:
+    def is_slack_url(self, url: str) -> bool:
+        """Is ``url`` one of Slack's own (HTTPS on SLACK_DOMAINS, or the configured API host),
+        where the bot token may go?"""
+        api, target = urllib.parse.urlsplit(self.web.base_url), urllib.parse.urlsplit(url)
+        host = (target.hostname or "").lower()
+        return (target.scheme, target.netloc) == (api.scheme, api.netloc) or (
+            target.scheme == "https"
+            and any(host == d or host.endswith("." + d) for d in SLACK_DOMAINS)
+        )
+
+    def download(self, url: str, *, max_bytes: int, finish_by: float) -> bytes:
         """A file Slack hosts (``url_private``), with the bot token (needs ``files:read``): its
-        bytes and content type. SlackError if it cannot be fetched, is not a file (Slack
-        answers a login page when the scope is missing) or is larger than ``max_bytes``."""
+        bytes, by monotonic time ``finish_by``. Redirects are followed only
+        to Slack's own hosts (the token goes nowhere else). SlackError if it cannot be fetched,
+        is not a file (Slack answers a login page when the scope is missing), is larger than
+        ``max_bytes``, redirects elsewhere, or is still arriving at ``finish_by``."""
+        import http.client
+
+        for _ in range(MAX_REDIRECTS + 1):
+            if not self.is_slack_url(url):
+                raise SlackError("files", "not_a_slack_file_url")
+            target = urllib.parse.urlsplit(url)
+            left = finish_by - time.monotonic()
+            if left <= 0:
+                raise SlackError("files", "too_slow")
+            conn = (
+                http.client.HTTPSConnection(target.netloc, timeout=left)
+                if target.scheme == "https"
+                else http.client.HTTPConnection(target.netloc, timeout=left)
+            )
+            try:
+                conn.request(
+                    "GET",
+                    target.path + (f"?{target.query}" if target.query else ""),
+                    headers={"Authorization": f"Bearer {self.web.token}"},
+                )
+                resp = conn.getresponse()
+                if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                    continue
+                if resp.status != 200:
+                    raise SlackError("files", f"http_{resp.status}")
+                if resp.headers.get_content_type() == "text/html":
+                    raise SlackError("files", "login_page (is files:read granted?)")
+                return _read_by(resp, conn, max_bytes, finish_by)
+            except (OSError, http.client.HTTPException) as e:
+                raise SlackError("files", type(e).__name__) from None
+            finally:
+                conn.close()
+        raise SlackError("files", "too_many_redirects")
+
+    def respond(self, url: str, text: str) -> None:
+        """An ephemeral ``text`` through a shortcut's ``response_url`` (Slack's own host only):
+        how the bot reaches a person in a conversation it cannot post in."""
+        if not self.is_slack_url(url):
+            raise SlackError("response_url", "not_a_slack_url")
         import urllib.request
 
-        api, target = urllib.parse.urlsplit(self.web.base_url), urllib.parse.urlsplit(url)
-        if (target.scheme, target.netloc) not in {
-            (api.scheme, api.netloc),
-            ("https", "files.slack.com"),
-        }:
-            raise SlackError("files", "not_a_slack_file_url")  # the bot token goes to Slack only
-        request = urllib.request.Request(url)
-        # Never carried across a redirect: a missing scope gets a login page elsewhere.
-        request.add_unredirected_header("Authorization", f"Bearer {self.web.token}")
+        request = urllib.request.Request(
+            url,
+            data=json.dumps({"text": text, "response_type": "ephemeral"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
-                kind = resp.headers.get_content_type()
-                data = resp.read(max_bytes + 1)
-        except (OSError, ValueError, __import__("http.client").client.HTTPException) as e:
-            raise SlackError("files", type(e).__name__) from None
-        if kind == "text/html":
-            raise SlackError("files", "login_page (is files:read granted?)")
-        if len(data) > max_bytes:
-            raise SlackError("files", "too_large")
-        return data, kind
+                resp.read()
+        except (OSError, ValueError) as e:
+            raise SlackError("response_url", type(e).__name__) from None
 
     def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
         """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
@@ -1232,6 +1367,14 @@ class SlackApi:
         except SlackError as e:
             log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
             return False
+
+
+def quietly(call: Callable[..., Any], **kwargs: Any) -> None:
+    """Make a Slack call whose failure only needs a log line (prompts, titles, views, thanks)."""
+    try:
+        call(**kwargs)
+    except SlackError as e:
+        log_event(logging.WARNING, "slack_call_failed", method=e.method, error=e.code)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1275,6 +1418,7 @@ class Question:
     thread_ts: str  # where the reply goes: the event's thread, or the message itself
     in_thread: bool  # the message was already inside a thread (so there is history to read)
     files: tuple[dict, ...] = ()  # files attached to the question (screenshots)
+    response_url: str = ""  # the shortcut's: where to tell the person if the bot cannot post
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1653,9 +1797,26 @@ def _mrkdwn_escape(text: str) -> str:
 
 
 SHORTCUT_CALLBACK = "ask_ledger_bot"  # the message shortcut (slack-app-manifest.yaml)
+SHORTCUT_NAME = "Ask about this thread"  # its name in the manifest, as the Home tab quotes it
 MODAL_CALLBACK = "ask_ledger_bot_modal"
 MODAL_INPUT = ("question_block", "question")  # block_id, action_id of the modal's one field
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def names_pane_thread(q: Question, thread: list[dict], me: BotIdentity) -> bool:
+    """Does ``q`` name an AI-pane thread: is it a DM inside a thread (how Slack's assistant
+    template knows a pane thread from the event alone, so any replica can tell) and the first
+    message a person wrote in it?"""
+    return (
+        q.kind == "dm"
+        and q.in_thread
+        and not any(
+            _ts_key(m.get("ts", "0")) < _ts_key(q.ts)
+            and not m.get("bot_id")
+            and m.get("user") not in (None, me.user_id)
+            for m in thread
+        )
+    )
 
 
 def thread_title(text: str, me: BotIdentity) -> str:
@@ -1664,8 +1825,12 @@ def thread_title(text: str, me: BotIdentity) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
-def ask_modal(*, channel: str, thread_ts: str) -> dict:
-    """The "Ask ledger-bot about this thread" modal: one field, prefilled; where to answer
+MODAL_MAX_CHARS = 3_000  # the question field's max_length (Slack's cap for plain_text_input)
+MODAL_TTL_SECONDS = 24 * 3600  # how long an opened modal may wait before it is submitted
+
+
+def ask_modal(where: str) -> dict:
+    """The shortcut's modal: one field, prefilled; ``where`` (``modal_where``)
     travels in ``private_metadata``."""
     block_id, action_id = MODAL_INPUT
     return {
@@ -1674,7 +1839,7 @@ def ask_modal(*, channel: str, thread_ts: str) -> dict:
         "title": {"type": "plain_text", "text": "Ask ledger-bot"},
         "submit": {"type": "plain_text", "text": "Ask"},
         "close": {"type": "plain_text", "text": "Cancel"},
-        "private_metadata": json.dumps({"channel": channel, "thread_ts": thread_ts}),
+        "private_metadata": where,
         "blocks": [
             {
                 "type": "input",
@@ -1685,35 +1850,78 @@ def ask_modal(*, channel: str, thread_ts: str) -> dict:
                     "action_id": action_id,
                     "multiline": True,
                     "initial_value": "Summarize this thread",
-                    "max_length": 3000,
+                    "max_length": MODAL_MAX_CHARS,
                 },
             }
         ],
     }
 
 
-def shortcut_question(view: dict, user: dict, *, now: float) -> Question | None:
-    """The question a submitted modal asks, to be answered in the thread it came from; None if
-    the submission is malformed. Its ts is "now", so the whole thread counts as history."""
+def modal_where(
+    key: bytes, *, channel: str, thread_ts: str, user: str, response_url: str, now: float
+) -> str:
+    """The modal's ``private_metadata``: where to answer, who may submit, where to tell them if
+    the bot cannot post there, and when it was opened, signed with ``key`` (HMAC-SHA256; every
+    replica derives the same key) so that a submission can only name a thread the bot offered
+    that person."""
+    fields = {"c": channel, "t": thread_ts, "u": user, "r": response_url, "at": int(now)}
+    return json.dumps({**fields, "sig": _modal_signature(key, fields)})
+
+
+def _modal_signature(key: bytes, fields: dict) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalRejected:
+    """A modal submission that asks nothing: ``errors`` (block_id -> message) are shown in the
+    modal; with none, nothing is shown (the submission was not one this bot wrote for them)."""
+
+    reason: str
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def read_modal(view: dict, user: dict, key: bytes, *, now: float) -> Question | ModalRejected:
+    """The question a submitted modal asks, to be answered in the thread it came from; its ts
+    is "now", so the whole thread counts as history. A blank or over-long question is rejected
+    with the modal's own error; a submission whose ``private_metadata`` this bot did not sign
+    for the person submitting it is rejected silently."""
+    block_id, action_id = MODAL_INPUT
     try:
         where = json.loads(view.get("private_metadata") or "{}")
-        block_id, action_id = MODAL_INPUT
-        text = str(view["state"]["values"][block_id][action_id]["value"] or "").strip()
-        channel, thread_ts = str(where["channel"]), str(where["thread_ts"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not (text and channel and thread_ts and user.get("id")):
-        return None
+        signature = str(where.pop("sig"))
+        value = view["state"]["values"][block_id][action_id]["value"]
+        text = str(value or "").strip()
+        channel, thread_ts, signed_for = str(where["c"]), str(where["t"]), str(where["u"])
+        opened = float(where["at"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ModalRejected("malformed")
+    expected = _modal_signature(key, where)
+    if not hmac.compare_digest(signature, expected) or signed_for != str(user.get("id") or ""):
+        return ModalRejected("not signed for this person")
+    if now - opened > MODAL_TTL_SECONDS:
+        return ModalRejected(
+            "expired", {block_id: "This form has expired: use the shortcut again."}
+        )
+    if not text:
+        return ModalRejected("blank", {block_id: "Please type a question."})
+    if len(text) > MODAL_MAX_CHARS:
+        return ModalRejected(
+            "too long",
+            {block_id: f"Please keep the question under {MODAL_MAX_CHARS:,} characters."},
+        )
     return Question(
         event_id=f"view:{view.get('id', '')}",
         kind="shortcut",
         channel=channel,
-        user=str(user["id"]),
+        user=signed_for,
         team=str(user.get("team_id") or ""),
         text=clean_text(text),
         ts=f"{now:.6f}",
         thread_ts=thread_ts,
         in_thread=True,
+        response_url=str(where.get("r") or ""),
     )
 
 
@@ -1733,6 +1941,20 @@ def choose_images(
         else:
             skipped.append(name)
     return images, skipped
+
+
+def image_type(data: bytes) -> str | None:
+    """The image type ``data`` really is, from its first bytes (PNG, JPEG, GIF, WebP), else
+    None: what a file claims to be is not trusted, and the model rejects a mislabelled image."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def with_images(messages: list[dict], images: list[tuple[str, bytes]]) -> list[dict]:
@@ -1793,10 +2015,12 @@ def skipped_files_note(skipped: list[str], unreadable: list[str]) -> str:
 def home_view(sections: list[Section], config: Config) -> dict:
     """The Home tab: what the bot is for, how to ask, which documents it knows, how to report a
     bad answer, and the limits each person has (limits, not usage: one replica cannot know a
-    person's usage across replicas). At most 100 blocks, 3,000 characters each."""
+    person's usage across replicas). Within Slack's view limits however many documents there
+    are: VIEW_BLOCKS_LIMIT blocks, VIEW_BYTES_LIMIT of JSON, TEXT_OBJECT_LIMIT per text; the
+    documents that do not fit are counted in a last line."""
 
     def text(markdown: str) -> dict:
-        return {"type": "section", "text": {"type": "mrkdwn", "text": markdown[:3000]}}
+        return {"type": "section", "text": {"type": "mrkdwn", "text": _cut(markdown)}}
 
     documents: dict[str, list[str]] = {}
     for section in sections:
@@ -1823,7 +2047,7 @@ def home_view(sections: list[Section], config: Config) -> dict:
             "*How to ask*\n"
             "• @mention me in a channel: I answer in the thread, reading the thread first.\n"
             "• Send me a direct message, or open me in the AI pane.\n"
-            "• On any message: *More actions → Ask ledger-bot about this thread*.\n"
+            f"• On any message: *More actions → {SHORTCUT_NAME}*.\n"
             "• Paste a screenshot of an error with your question: I can read images."
         ),
         text(
@@ -1834,14 +2058,28 @@ def home_view(sections: list[Section], config: Config) -> dict:
         {"type": "divider"},
         text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
     ]
-    first = len(blocks)
-    for source, headings in documents.items():
-        if len(blocks) >= 99:
-            blocks.append(text(f"…and {len(documents) - (len(blocks) - first)} more files."))
-            break
+    size = len(json.dumps(blocks))
+    room = 200  # for the "…and N more files" line
+    for listed_files, (source, headings) in enumerate(documents.items()):
         listed = ", ".join(h for h in headings if h) or "(no headings)"
-        blocks.append(text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}"))
-    return {"type": "home", "blocks": blocks[:100]}
+        block = text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}")
+        block_size = len(json.dumps(block)) + 2
+        if len(blocks) + 2 > VIEW_BLOCKS_LIMIT or size + block_size + room > VIEW_BYTES_LIMIT:
+            blocks.append(text(f"…and {len(documents) - listed_files} more files."))
+            break
+        blocks.append(block)
+        size += block_size
+    return {"type": "home", "blocks": blocks}
+
+
+def _cut(text: str, limit: int = TEXT_OBJECT_LIMIT) -> str:
+    """``text`` within ``limit`` characters, ending in "…" if cut, never inside an escape."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if head.rfind("&") > head.rfind(";"):
+        head = head[: head.rfind("&")]
+    return head + "…"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2338,19 +2576,36 @@ def _retry_delay(
     exc: BaseException, failure: LLMFailure, attempt: int, config: Config
 ) -> float | None:
     """Seconds to wait before trying again, or None to give up. Only what the gateway could
-    not have retried itself: a connection that failed (never a read timeout: the upstream may
-    be generating already), and a 429 whose Retry-After is short."""
-    import openai
-
+    not have retried itself: a connection that failed before an answer began (refused, or a
+    pooled connection the gateway closed as the request went out; never a read timeout: the
+    upstream may be generating already), and a 429 whose Retry-After is short."""
     if attempt >= config.ledger_bot_llm_max_retries:
         return None
-    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
+    if _connection_failed(exc):
         return 0.5 * 2**attempt
     if failure.kind == "rate_limited":
         headers = getattr(getattr(exc, "response", None), "headers", None) or {}
         wait = _seconds(headers.get("retry-after"), default=-1.0)
         return wait if 0 <= wait <= config.ledger_bot_llm_retry_after_max_seconds else None
     return None
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """Did the request never get an answer because the connection failed? litellm wraps the
+    openai client's APIConnectionError (refused, reset, closed without a response) as an
+    InternalServerError (status 500), so the cause chain is where it shows."""
+    import openai
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain is short; a cycle must not loop forever
+        if seen is None:
+            return False
+        if isinstance(seen, openai.APITimeoutError):
+            return False
+        if isinstance(seen, openai.APIConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def stream_completion(
@@ -2545,16 +2800,26 @@ def feedback_blocks(ref: str, serial: int) -> list[dict]:
 
 
 def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
-    """A small context line naming the documents an answer cited; a link where the document
-    declared ``source_url``."""
+    """A small context line naming the documents an answer cited, in citation order (the most
+    relevant first); a link where the document declared ``source_url``. Within Slack's limit
+    of TEXT_OBJECT_LIMIT characters per text: labels that do not fit are counted, "+N more"."""
     names = [
         f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label)
         for s in sections
     ]
+    text, shown = "Sources: ", 0
+    for name in names:
+        more = f" · +{len(names) - shown - 1} more" if shown + 1 < len(names) else ""
+        if len(text) + len(name) + len(" · ") + len(more) > TEXT_OBJECT_LIMIT:
+            break
+        text += (" · " if shown else "") + name
+        shown += 1
+    if shown < len(names):
+        text += f"{' · ' if shown else ''}+{len(names) - shown} more"
     return {
         "type": "context",
         "block_id": f"lb_sources_{ref}_{serial}",
-        "elements": [{"type": "mrkdwn", "text": "Sources: " + " · ".join(names)}],
+        "elements": [{"type": "mrkdwn", "text": text}],
     }
 
 
@@ -2639,10 +2904,11 @@ class Reply:
     # -- public ------------------------------------------------------------------------------
 
     def show_feedback(self) -> None:
-        """Status if Slack allows it, else a placeholder (then no streaming: the placeholder is
-        updated in place instead). When the status budget is spent (many answers at once) there
-        is no placeholder either: it would need a chat.update later, from a smaller budget still.
-        Holds ``_turn``: the placeholder is the visible message."""
+        """Show at once that the question was heard, never waiting for rate budget: the
+        status if Slack allows it, else a placeholder (then no streaming: the placeholder is
+        updated in place instead). When neither can go out now (many answers at once: their
+        budgets are spent) a 👀 reaction on the question does, from a budget of its own, and
+        needs no follow-up call. Holds ``_turn``: the placeholder is the visible message."""
         with self._turn:
             if self.closed:
                 return
@@ -2650,15 +2916,18 @@ class Reply:
                 if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
                     self.status_at = time.monotonic()
                     return
+                ts = self.api.post_message(
+                    channel=self.q.channel,
+                    thread_ts=self.q.thread_ts,
+                    markdown=PLACEHOLDER_TEXT,
+                    metadata_type=NOTICE_METADATA,
+                    ref=self.ref,
+                    wait=0,
+                )
             except SlackBusy:
+                if self.q.kind != "shortcut":  # a shortcut's question is no message to react to
+                    quietly(self.api.add_reaction, channel=self.q.channel, ts=self.q.ts)
                 return
-            ts = self.api.post_message(
-                channel=self.q.channel,
-                thread_ts=self.q.thread_ts,
-                markdown=PLACEHOLDER_TEXT,
-                metadata_type=NOTICE_METADATA,
-                ref=self.ref,
-            )
             self.visible = _Visible(ts)
             self.use_stream = False
 
@@ -3088,6 +3357,15 @@ OUTCOMES: dict[str, Outcome] = {
         "incomplete. Please ask again.",
         logging.WARNING,
     ),
+    "slack_config_error": Outcome(
+        _MISCONFIGURED.format("Slack has not granted me a permission I need here"), logging.ERROR
+    ),
+    # Told through the shortcut's response_url, only the person sees it: the bot cannot post.
+    "not_in_channel": Outcome(
+        "I'm not a member of this channel, so I can't answer here. Add me with "
+        "`/invite @ledger-bot` (or ask me in a DM) and try again.",
+        logging.INFO,
+    ),
     "internal_error": Outcome(
         "Sorry, something went wrong on my side while answering. Please try again.", logging.ERROR
     ),
@@ -3133,6 +3411,10 @@ def outcome_of(exc: Exception) -> tuple[str, str]:
         return "context_too_long", "question exceeds the prompt budget"
     if isinstance(exc, LLMFailure):
         return exc.kind, exc.detail
+    if isinstance(exc, SlackError) and exc.code == "not_in_channel":
+        return "not_in_channel", f"{exc.method}: {exc.code}"
+    if isinstance(exc, SlackError) and exc.code == "missing_scope":
+        return "slack_config_error", f"{exc.method}: missing_scope {exc.needed}"
     if isinstance(exc, SlackError):
         return "slack_error", f"{exc.method}: {exc.code}"
     return "internal_error", type(exc).__name__
@@ -3382,6 +3664,7 @@ class Answerer:
         knowledge: KnowledgeStore,
         limits: Limits,
         metrics: Metrics,
+        notifier: Notifier,
         llm_client: Any = None,
     ):
         self.config = config
@@ -3390,6 +3673,7 @@ class Answerer:
         self.knowledge = knowledge
         self.limits = limits
         self.metrics = metrics
+        self.notifier = notifier
         self.llm_client = llm_client
         self.verdicts = ThreadVerdicts(self._thread_started_with_mention)
         self.flusher = Flusher(interval=config.flusher_interval)
@@ -3460,6 +3744,13 @@ class Answerer:
                 if q.in_thread
                 else []
             )
+            if names_pane_thread(q, thread, self.me):
+                title = thread_title(q.text, self.me)
+                self.notifier.submit(
+                    lambda: quietly(
+                        self.api.set_title, channel=q.channel, thread_ts=q.thread_ts, title=title
+                    )
+                )
             kb = self.knowledge.current()
             messages, choice = build_prompt(c, kb, q, thread, self.me, token_counter(c))
             messages, files_note = self._attach_images(q, messages)
@@ -3500,7 +3791,10 @@ class Answerer:
             notice_text(outcome, job.ref) if outcome != "ok" and OUTCOMES[outcome].notice else ""
         )
         try:
-            if notice and reply is not None:
+            if notice and outcome == "not_in_channel":
+                if q.response_url:
+                    self.api.respond(q.response_url, notice)
+            elif notice and reply is not None:
                 reply.fail(notice)
             elif notice:
                 self.refuse(job, outcome, post=True, count=False)
@@ -3520,8 +3814,9 @@ class Answerer:
 
     def _attach_images(self, q: Question, messages: list[dict]) -> tuple[list[dict], str]:
         """Screenshots attached to the question, downloaded with the bot token and added to it
-        (at most LEDGER_BOT_IMAGE_MAX_COUNT of LEDGER_BOT_IMAGE_MAX_BYTES each, so memory stays
-        bounded); a file that is not an image, or cannot be fetched, is named in a note and
+        (at most LEDGER_BOT_IMAGE_MAX_COUNT of LEDGER_BOT_IMAGE_MAX_BYTES each, all within
+        DOWNLOAD_SECONDS, so memory and time stay bounded), each sent as the image type its
+        bytes are; a file that is not an image, or cannot be fetched, is named in a note and
         never fails the answer."""
         c = self.config
         if not q.files:
@@ -3530,13 +3825,18 @@ class Answerer:
             q.files, max_count=c.ledger_bot_image_max_count, max_bytes=c.ledger_bot_image_max_bytes
         )
         loaded, unreadable = [], []
+        finish_by = time.monotonic() + DOWNLOAD_SECONDS
         for f in chosen:
             try:
-                data, kind = self.api.download(
+                data = self.api.download(
                     str(f.get("url_private_download") or f.get("url_private")),
                     max_bytes=c.ledger_bot_image_max_bytes,
+                    finish_by=finish_by,
                 )
-                loaded.append((kind if kind in IMAGE_TYPES else str(f["mimetype"]), data))
+                kind = image_type(data)
+                if kind is None:
+                    raise SlackError("files", "not_an_image")
+                loaded.append((kind, data))
             except SlackError as e:
                 unreadable.append(str(f.get("name") or f.get("id")))
                 log_event(logging.WARNING, "file_unreadable", file=f.get("id"), error=e.code)
@@ -3703,35 +4003,69 @@ class SeenSet:
             return True
 
 
+# The notices threads' lanes: each is one thread with its own queue, so a call of one kind never
+# waits behind another kind's rate-budget wait. ``Notifier.submit`` names the lane.
+NOTICE_LANES = {
+    # views.open: Slack voids a trigger_id 3 s after the click, so nothing may queue ahead of it.
+    "trigger": 16,
+    # refusals (which may wait for chat.postMessage's 1/s per channel), feedback thanks, the AI
+    # pane's prompts and titles: things a person is looking at right now.
+    "notices": 256,
+    # Home tab publishes: one per person at most queued (a newer view replaces nothing a person
+    # could miss), so a flood of app_home_opened delays nobody else.
+    "home": 256,
+}
+
+
 class Notifier:
-    """One thread that posts refusals and thank-yous, so slack_sdk's listener pool never waits
-    on Slack (retries, rate budgets) on exactly the overload path. ``close`` posts what is
-    queued (up to a deadline) and stops the thread."""
+    """The Slack calls the dispatcher needs, made off slack_sdk's listener pool, which must never
+    wait on Slack (retries, rate budgets) on exactly the overload path. One thread per lane of
+    NOTICE_LANES. ``submit`` with a ``key`` drops a task whose key is already queued in that
+    lane. ``close`` lets each lane finish what is queued (up to a deadline) and stops them."""
 
-    def __init__(self, size: int = 256):
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=size)
-        self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
-        self._thread.start()
+    def __init__(self) -> None:
+        self._queues: dict[str, queue.Queue[tuple[str, Callable[[], None]] | None]] = {
+            lane: queue.Queue(maxsize=size) for lane, size in NOTICE_LANES.items()
+        }
+        self._queued_keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"notices-{lane}", daemon=True)
+            for lane, q in self._queues.items()
+        ]
+        for t in self._threads:
+            t.start()
 
-    def submit(self, task: Callable[[], None]) -> bool:
-        try:
-            self._queue.put_nowait(task)
-            return True
-        except queue.Full:
-            log_event(logging.WARNING, "notice_dropped", reason="notice queue full")
-            return False
+    def submit(self, task: Callable[[], None], *, lane: str = "notices", key: str = "") -> bool:
+        with self._lock:
+            if key and key in self._queued_keys:
+                return False
+            try:
+                self._queues[lane].put_nowait((key, task))
+            except queue.Full:
+                log_event(logging.WARNING, "notice_dropped", lane=lane, reason="queue full")
+                return False
+            if key:
+                self._queued_keys.add(key)
+        return True
 
-    def _run(self) -> None:
-        while (task := self._queue.get()) is not None:
+    def _run(self, lane: queue.Queue[tuple[str, Callable[[], None]] | None]) -> None:
+        while (item := lane.get()) is not None:
+            key, task = item
+            with self._lock:
+                self._queued_keys.discard(key)
             try:
                 task()
             except Exception:
                 log.exception("notice_failed")
 
     def close(self, timeout: float) -> None:
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for lane in self._queues.values():
+            with contextlib.suppress(queue.Full):
+                lane.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 FEEDBACK_THANKS = "Thanks for the feedback! It helps the BOR Write team improve my answers."
@@ -3769,9 +4103,25 @@ class Dispatcher:
         self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
         self.votes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._votes_lock = threading.Lock()
-        # AI-pane threads -> the channel the person is looking at; which ones have a title.
-        self.assistant_threads: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self.titled = SeenSet(ttl_seconds=7 * 24 * 3600)
+        # Signs the shortcut modal's private_metadata; every replica derives the same key.
+        self.modal_key = hmac.new(
+            config.slack_bot_token.encode(), b"ledger-bot modal", hashlib.sha256
+        ).digest()
+
+    def ack_payload(self, envelope_type: str, payload: dict) -> dict | None:
+        """What the ack of this envelope carries (on the socket's reader thread: cheap, never
+        raises): the modal's own errors for a question submission that asks nothing."""
+        view = payload.get("view") if envelope_type == "interactive" else None
+        if (
+            payload.get("type") != "view_submission"
+            or not isinstance(view, dict)
+            or view.get("callback_id") != MODAL_CALLBACK
+        ):
+            return None
+        verdict = read_modal(view, payload.get("user") or {}, self.modal_key, now=time.time())
+        if isinstance(verdict, ModalRejected) and verdict.errors:
+            return {"response_action": "errors", "errors": verdict.errors}
+        return None
 
     def dispatch(
         self,
@@ -3804,8 +4154,8 @@ class Dispatcher:
             return
         raw_event = payload.get("event") or {}
         event_type = str(raw_event.get("type") or "unknown")
-        if event_type in ("assistant_thread_started", "assistant_thread_context_changed"):
-            self._on_assistant_thread(event_type, raw_event)
+        if event_type == "assistant_thread_started":
+            self._on_assistant_thread(raw_event)
             return
         if event_type == "app_home_opened":
             self._on_home_opened(raw_event)
@@ -3842,12 +4192,7 @@ class Dispatcher:
             f"msg:{verdict.channel}:{verdict.ts}",
             f"event:{event_id}" if event_id else f"envelope:{envelope_id}",
         ]
-        if (
-            self._take(verdict, received, metric_type, keys, retry_attempt)
-            and verdict.kind == "dm"
-            and verdict.in_thread
-        ):
-            self._title_assistant_thread(verdict)
+        self._take(verdict, received, metric_type, keys, retry_attempt)
 
     def _take(
         self,
@@ -3899,74 +4244,61 @@ class Dispatcher:
 
     # -- the AI pane, the shortcut, the Home tab ------------------------------------------------
 
-    def _on_assistant_thread(self, event_type: str, event: dict) -> None:
-        """A person opened a thread in the AI pane (suggested prompts), or changed the channel
-        they are looking at (remembered for the thread)."""
+    def _on_assistant_thread(self, event: dict) -> None:
+        """A person opened a thread in the AI pane: offer the suggested prompts. Nothing about
+        the thread is remembered: any replica answers it and names it (``Answerer``)."""
         thread = event.get("assistant_thread") or {}
         channel, thread_ts = str(thread.get("channel_id") or ""), str(thread.get("thread_ts") or "")
         if not (channel and thread_ts):
             self.metrics.events.labels(type="assistant", outcome="rejected").inc()
             return
         self.metrics.events.labels(type="assistant", outcome="accepted").inc()
-        context = thread.get("context") or {}
-        key, viewing = f"{channel}:{thread_ts}", str(context.get("channel_id") or "")
-        bounded_put(self.assistant_threads, key, viewing, 20_000)
-        log_event(
-            logging.DEBUG,
-            "assistant_thread",
-            change=event_type,
-            channel=channel,
-            viewing=context.get("channel_id"),
+        prompts = self.config.suggested_prompts
+        self.notifier.submit(
+            lambda: quietly(
+                self.answerer.api.set_suggested_prompts,
+                channel=channel,
+                thread_ts=thread_ts,
+                prompts=prompts,
+            )
         )
-        if event_type == "assistant_thread_started":
-            prompts = self.config.suggested_prompts
-            self.notifier.submit(
-                lambda: self._quietly(
-                    self.answerer.api.set_suggested_prompts,
-                    channel=channel,
-                    thread_ts=thread_ts,
-                    prompts=prompts,
-                )
-            )
-
-    def _title_assistant_thread(self, q: Question) -> None:
-        """The first question in an AI-pane thread names the thread."""
-        key = f"{q.channel}:{q.thread_ts}"
-        if key in self.assistant_threads and self.titled.add(key):
-            title = thread_title(q.text, self.me)
-            self.notifier.submit(
-                lambda: self._quietly(
-                    self.answerer.api.set_title,
-                    channel=q.channel,
-                    thread_ts=q.thread_ts,
-                    title=title,
-                )
-            )
 
     def _on_shortcut(self, payload: dict) -> None:
-        """ "Ask ledger-bot about this thread" on a message: open the question modal."""
+        """ "Ask about this thread" on a message: open the question modal, first in line (its
+        trigger_id dies 3 s after the click)."""
         message = payload.get("message") or {}
         channel = str((payload.get("channel") or {}).get("id") or "")
         thread_ts = str(message.get("thread_ts") or message.get("ts") or "")
         trigger = str(payload.get("trigger_id") or "")
-        if not (channel and thread_ts and trigger):
+        user = str((payload.get("user") or {}).get("id") or "")
+        if not (channel and thread_ts and trigger and user):
             self.metrics.events.labels(type="shortcut", outcome="rejected").inc()
             return
         self.metrics.events.labels(type="shortcut", outcome="accepted").inc()
-        view = ask_modal(channel=channel, thread_ts=thread_ts)
+        where = modal_where(
+            self.modal_key,
+            channel=channel,
+            thread_ts=thread_ts,
+            user=user,
+            response_url=str(payload.get("response_url") or ""),
+            now=time.time(),
+        )
+        view = ask_modal(where)
         self.notifier.submit(
-            lambda: self._quietly(self.answerer.api.open_view, trigger_id=trigger, view=view)
+            lambda: quietly(self.answerer.api.open_view, trigger_id=trigger, view=view),
+            lane="trigger",
         )
 
     def _on_modal(self, payload: dict, received: float) -> None:
-        """The modal was submitted: a question about that thread, answered in it."""
+        """The modal was submitted: a question about that thread, answered in it. A submission
+        that asks nothing was already answered in its ack (``ack_payload``)."""
         view = payload.get("view") or {}
-        q = shortcut_question(view, payload.get("user") or {}, now=time.time())
-        if q is None:
+        verdict = read_modal(view, payload.get("user") or {}, self.modal_key, now=time.time())
+        if isinstance(verdict, ModalRejected):
             self.metrics.events.labels(type="shortcut", outcome="rejected").inc()
-            log_event(logging.WARNING, "event_rejected", reason="malformed modal submission")
+            log_event(logging.WARNING, "event_rejected", reason=f"modal: {verdict.reason}")
             return
-        self._take(q, received, "shortcut", [f"view:{view.get('id') or q.ts}"])
+        self._take(verdict, received, "shortcut", [f"view:{view.get('id') or verdict.ts}"])
 
     def _on_home_opened(self, event: dict) -> None:
         user = str(event.get("user") or "")
@@ -3975,20 +4307,14 @@ class Dispatcher:
             return
         self.metrics.events.labels(type="app_home", outcome="accepted").inc()
         self.notifier.submit(  # the view is built there too: current() may reload files
-            lambda: self._quietly(
+            lambda: quietly(
                 self.answerer.api.publish_home,
                 user=user,
                 view=home_view(self.answerer.knowledge.current().sections, self.config),
-            )
+            ),
+            lane="home",
+            key=f"home:{user}",
         )
-
-    @staticmethod
-    def _quietly(call: Callable[..., Any], **kwargs: Any) -> None:
-        """Make a Slack call whose failure only needs a log line (prompts, titles, views)."""
-        try:
-            call(**kwargs)
-        except SlackError as e:
-            log_event(logging.WARNING, "slack_call_failed", method=e.method, error=e.code)
 
     def _not_allowed(self, q: Question) -> Refusal | None:
         """A refusal if an allow-list excludes this question (the notice once a day per channel,
@@ -4041,7 +4367,7 @@ class Dispatcher:
         thread_ts = (payload.get("message") or {}).get("thread_ts") or None
         if channel and user and before is None:
             self.notifier.submit(
-                lambda: self._quietly(
+                lambda: quietly(
                     self.answerer.api.post_ephemeral,
                     channel=channel,
                     user=user,
@@ -4082,12 +4408,14 @@ class SocketLink:
         metrics: Metrics,
         on_request: Callable[[SocketModeRequest, float], None],
         on_auth_failed: Callable[[str, str], None],
+        ack_payload: Callable[[str, dict], dict | None] = lambda envelope_type, payload: None,
     ):
         self.config = config
         self.health = health
         self.metrics = metrics
         self.on_request = on_request
         self.on_auth_failed = on_auth_failed
+        self.ack_payload = ack_payload
         self.client = SocketModeClient(
             app_token=config.slack_app_token,
             web_client=make_web_client(config),
@@ -4189,7 +4517,8 @@ class SocketLink:
 
         Envelopes are acked here, from the parsed top-level ``envelope_id``, before anything
         else: handing the ack to slack_sdk's queue and listener pool costs two thread switches,
-        each waiting for the interpreter lock while workers stream answers. After SIGTERM
+        each waiting for the interpreter lock while workers stream answers. The ack carries
+        ``ack_payload``'s answer where Slack reads one (a modal's errors). After SIGTERM
         nothing is acked, so Slack redelivers to another connection.
         """
         now = time.monotonic()
@@ -4208,8 +4537,15 @@ class SocketLink:
                     bounded_put(self._acked, envelope_id, now if acked else None, 10_000)
                     self._acked_cv.notify_all()
                 if acked:
+                    ack: dict[str, Any] = {"envelope_id": envelope_id}
+                    payload = frame.get("payload")
+                    response = self.ack_payload(
+                        str(frame.get("type")), payload if isinstance(payload, dict) else {}
+                    )
+                    if response is not None:
+                        ack["payload"] = response
                     try:
-                        self.client.send_socket_mode_response({"envelope_id": envelope_id})
+                        self.client.send_socket_mode_response(ack)
                     except Exception:
                         with self._acked_cv:  # not acked after all: Slack will redeliver it
                             self._acked[envelope_id] = None
@@ -4682,15 +5018,29 @@ class Bot:
         self.config = config
         self.health = health
         self.metrics = metrics
+        self.notifier = Notifier()
         self.answerer = Answerer(
-            config, api, me, knowledge, Limits(config), metrics, make_llm_client(config)
+            config,
+            api,
+            me,
+            knowledge,
+            Limits(config),
+            metrics,
+            self.notifier,
+            make_llm_client(config),
         )
         self.pool = WorkerPool(
             self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics
         )
-        self.notifier = Notifier()
         self.dispatcher = Dispatcher(config, me, self.answerer, self.pool, self.notifier, metrics)
-        self.link = SocketLink(config, health, metrics, self._on_request, on_auth_failed)
+        self.link = SocketLink(
+            config,
+            health,
+            metrics,
+            self._on_request,
+            on_auth_failed,
+            ack_payload=self.dispatcher.ack_payload,
+        )
         stuck_after = (
             config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
         )
@@ -4929,12 +5279,17 @@ def main(
 
     setup_logging(config.log_level, config.log_format)
     stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop.set())
+    health = Health()
+
+    def on_signal() -> None:
+        health.stopping = True  # /ready is 503 from here on, before the drain begins
+        stop.set()
+
+    signals = Signals(on_signal) if threading.current_thread() is threading.main_thread() else None
+    if signals is not None:
+        signals.install()
     metrics = Metrics(registry or new_registry(), tuple(OUTCOMES))
     metrics.build_info.labels(version=__version__, git_sha=config.ledger_bot_git_sha).set(1)
-    health = Health()
     server = HealthServer(config.health_port, health, metrics).start()
     log_event(
         logging.INFO,
@@ -4952,6 +5307,8 @@ def main(
         return _serve(config, health, metrics, stop, warm)
     finally:
         server.stop()
+        if signals is not None:
+            signals.close()
 
 
 def _serve(

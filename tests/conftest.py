@@ -122,9 +122,13 @@ class RunningBot:
 
 
 @pytest.fixture
-def start_bot(env, socket_mode):
-    """Start ``ledger_bot.main`` in a thread with ``env`` (plus overrides); stops at teardown."""
+def start_bot(env, socket_mode, request):
+    """Start ``ledger_bot.main`` in a thread with ``env`` (plus overrides); stops at teardown.
+    The output capture is set up first, so the bots stop (and log their last lines) before its
+    stream closes."""
     import ledger_bot
+
+    request.getfixturevalue("capfd" if "capfd" in request.fixturenames else "capsys")
 
     bots: list[RunningBot] = []
 
@@ -153,8 +157,20 @@ def start_bot(env, socket_mode):
 
 @dataclass
 class BotProcess:
+    """A bot subprocess whose stdout and stderr are read as they come (a pipe nobody reads
+    fills at 64 KB and stops the bot at its next log line, DEBUG lines fill it quickly)."""
+
     proc: subprocess.Popen
     env: dict
+    _out: list = field(default_factory=list)
+    _err: list = field(default_factory=list)
+    _readers: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for stream, sink in ((self.proc.stdout, self._out), (self.proc.stderr, self._err)):
+            reader = threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True)
+            reader.start()
+            self._readers.append(reader)
 
     @property
     def health_url(self) -> str:
@@ -166,8 +182,10 @@ class BotProcess:
     def terminate(self, timeout: float = 30) -> tuple[int, str, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return self.proc.returncode, "".join(self._out), "".join(self._err)
 
 
 def run_subprocess(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
@@ -190,4 +208,4 @@ def spawn_bot(env):
     for bot in procs:
         if bot.proc.poll() is None:
             bot.proc.kill()
-            bot.proc.communicate()
+            bot.proc.wait()

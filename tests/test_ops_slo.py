@@ -36,8 +36,9 @@ CONTRACT_OUTCOMES = {
     "ok", "stopped_by_user", "interrupted", "timeout", "rate_limited", "gateway_error", "gateway_auth_error",
     "gateway_config_error", "gateway_budget_exhausted", "content_policy", "context_too_long", "slack_error",
     "internal_error", "busy", "user_rate_limited", "user_budget_exhausted", "fleet_budget_exhausted", "not_allowed",
+    "slack_config_error", "not_in_channel",
 }
-NEVER_PAGE = {"user_rate_limited", "user_budget_exhausted", "not_allowed"}
+NEVER_PAGE = {"user_rate_limited", "user_budget_exhausted", "not_allowed", "not_in_channel"}
 LOG_EVENTS = ("slack_auth_failed", "slack_connection_dead", "slack_reconnect_failed", "slack_connected",
               "drain_timeout")
 # Google SRE workbook, "Alerting on SLOs", recommended parameters for a 30-day SLO.

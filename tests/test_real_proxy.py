@@ -180,3 +180,31 @@ def test_gateway_can_tell_who_asked_without_seeing_slack_ids(bot_via_proxy, prox
     assert entry["end_user"], f"no `user` reached the proxy's spend tracking: {entry}"
     assert "U1" not in entry["end_user"] and "T0000001" not in entry["end_user"], entry
     assert "ledger-bot" in entry["request_tags"], entry
+
+
+# ── keep-alive ───────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.timeout(180)
+def test_questions_at_the_proxys_keep_alive_boundary_are_all_answered(start_bot, real_proxy, slack, socket_mode,
+                                                                      tmp_path, capsys):
+    """uvicorn under the proxy closes a keep-alive connection idle for --keepalive_timeout (1 s
+    here; 5 s by default). A question that goes out on a pooled connection just as the proxy
+    closes it meets a connection closed without an answer, and is retried on a fresh one."""
+    from proxy.harness import start_proxy
+
+    proxy = start_proxy(real_proxy.upstream, tmp_path, keepalive_seconds=1)
+    try:
+        start_bot(LITELLM_BASE_URL=proxy.api_base, LITELLM_DEVELOPER_KEY=BOT_KEY,
+                  LEDGER_BOT_LLM_TIMEOUT_SECONDS=str(TIMEOUT), LEDGER_BOT_LLM_MAX_RETRIES="")
+        shown = []
+        for i in range(15):
+            msg, _ = mention(slack, socket_mode, f"question {i} at the boundary")
+            shown.append(replies(slack, "C100", msg["ts"], timeout=NOTICE_WITHIN + 3))
+            # The scenario, not synchronisation: stay idle across the proxy's 1 s boundary.
+            time.sleep(0.94 + 0.01 * i)
+        assert shown == [["The answer is 42."]] * 15
+        outcomes = [x["outcome"] for x in log_lines(capsys.readouterr().out) if x["event"] == "answer"]
+        assert outcomes == ["ok"] * 15
+    finally:
+        proxy.stop()

@@ -29,12 +29,28 @@ def test_ai_pane_thread_gets_prompts_a_title_and_answers(start_bot, slack, socke
     assert slack.calls_to("chat.stopStream")[-1].params["blocks"][-1]["type"] == "context_actions"
 
 
-def test_ai_pane_context_change_is_accepted(start_bot, slack, socket_mode, gateway):
-    bot = start_bot()
-    socket_mode.send_event({"type": "assistant_thread_context_changed", "assistant_thread": {
-        "user_id": "U1", "channel_id": "D1", "thread_ts": "1.0", "context": {"channel_id": "C200"}}})
-    wait_for(lambda: 'ledger_bot_events_total{outcome="accepted",type="assistant"} 1.0' in bot.get("/metrics")[1],
-             5, "the event counted")
+def test_ai_pane_thread_started_elsewhere_is_named_by_its_first_question_only(start_bot, slack, socket_mode,
+                                                                              gateway):
+    """Another replica (or this one before a restart) saw assistant_thread_started: the thread
+    is still recognised from the message itself, and only its first question names it."""
+    start_bot()
+    thread_ts = slack.new_ts()
+    for n, text in enumerate(["What is a CCID?", "And a segment?"]):
+        msg = slack.add_message("D1", user="U1", text=text, thread_ts=thread_ts)
+        socket_mode.send_event({"type": "message", "channel": "D1", "channel_type": "im", "user": "U1",
+                                "text": text, "ts": msg["ts"], "thread_ts": thread_ts, "team": TEAM})
+        wait_for(lambda n=n: len(slack.bot_replies("D1", thread_ts)) == n + 1, 10, f"answer {n + 1}")
+    assert wait_for(lambda: slack.titles.get(f"D1:{thread_ts}"), 5, "the title") == "What is a CCID?"
+    assert len(slack.calls_to("assistant.threads.setTitle")) == 1
+
+
+def test_a_dm_outside_a_thread_gets_no_title(start_bot, slack, socket_mode, gateway):
+    start_bot()
+    msg = slack.add_message("D1", user="U1", text="What is a CCID?")
+    socket_mode.send_event({"type": "message", "channel": "D1", "channel_type": "im", "user": "U1",
+                            "text": msg["text"], "ts": msg["ts"], "team": TEAM})
+    assert replies(slack, "D1", msg["ts"]) == ["The answer is 42."]
+    assert slack.calls_to("assistant.threads.setTitle") == []
 
 
 def test_thread_shortcut_asks_about_the_whole_thread_and_answers_in_it(start_bot, slack, socket_mode, gateway):
@@ -57,13 +73,28 @@ def test_thread_shortcut_asks_about_the_whole_thread_and_answers_in_it(start_bot
     assert sent[-1]["content"].endswith("<@U3>: Summarize this thread")
 
 
+def open_modal(slack, socket_mode, *, channel: str, message: dict, user: str = "U3", **extra) -> dict:
+    """A person uses the message shortcut; returns the modal Slack opened."""
+    before = {k for k in slack.views if k.startswith("modal:")}
+    socket_mode.send_interactive({"type": "message_action", "callback_id": "ask_ledger_bot",
+                                  "trigger_id": slack.new_trigger(), "user": {"id": user, "team_id": TEAM},
+                                  "channel": {"id": channel}, "message": message, **extra})
+    key = wait_for(lambda: [k for k in slack.views if k.startswith("modal:") and k not in before], 5, "the modal")
+    return slack.views[key[0]]
+
+
+def submit_modal(socket_mode, modal: dict, value: str, *, user: str = "U3") -> str:
+    field = modal["blocks"][0]
+    return socket_mode.send_interactive({"type": "view_submission", "user": {"id": user, "team_id": TEAM}, "view": {
+        **modal, "state": {"values": {field["block_id"]: {field["element"]["action_id"]: {
+            "type": "plain_text_input", "value": value}}}}}})
+
+
 def test_thread_shortcut_obeys_the_allow_list(start_bot, slack, socket_mode, gateway):
     start_bot(LEDGER_BOT_ALLOWED_CHANNELS="C100")
     root = slack.add_message("C999", user="U1", text="off-limits thread")
-    socket_mode.send_interactive({"type": "view_submission", "user": {"id": "U3", "team_id": TEAM}, "view": {
-        "id": "V1", "callback_id": "ask_ledger_bot_modal",
-        "private_metadata": json.dumps({"channel": "C999", "thread_ts": root["ts"]}),
-        "state": {"values": {"question_block": {"question": {"value": "Summarize this thread"}}}}}})
+    modal = open_modal(slack, socket_mode, channel="C999", message={"ts": root["ts"], "text": root["text"]})
+    submit_modal(socket_mode, modal, "Summarize this thread")
     assert "not enabled here" in replies(slack, "C999", root["ts"])[0]
     assert gateway.requests == []
 
@@ -119,8 +150,9 @@ def test_a_screenshot_the_bot_cannot_fetch_never_fails_the_answer(start_bot, sla
 
 
 def test_a_cut_answer_counts_a_screenshot_as_an_image_not_as_its_base64(start_bot, slack, socket_mode, gateway,
-                                                                         capsys):
-    start_bot()
+                                                                         capsys, tmp_path):
+    (tmp_path / "gl.md").write_text("# Suspense\nUnbalanced lines go to suspense.\n")
+    start_bot(LEDGER_BOT_KNOWLEDGE=str(tmp_path))
     gateway.script(Script(text="Partial answer about the screenshot " * 5, chunk_size=20, error_after_chunks=3,
                           error_event={"message": "overloaded", "type": "api_error", "code": "500"}))
     shot = slack.add_file("error.png", "image/png", PNG + bytes(300_000))  # ~400,000 base64 characters

@@ -534,6 +534,12 @@ class BenchSlack(FakeSlack):
             self._feedback(p.get("channel_id", ""), p.get("thread_ts"))
         return r
 
+    def _m_reactions_add(self, p: dict) -> dict:
+        r = super()._m_reactions_add(p)
+        if r.get("ok"):  # a 👀 on the question: its thread is the question's own ts
+            self._feedback(p["channel"], p.get("timestamp"))
+        return r
+
     def _m_chat_postMessage(self, p: dict) -> dict:
         r = super()._m_chat_postMessage(p)
         self._feedback(p["channel"], p.get("thread_ts"))

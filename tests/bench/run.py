@@ -123,6 +123,7 @@ TARGETS = {
     "load_cpu_ms_per_long_answer": ("-", None, None),
     "burst_wall_s": ("<= 4 s", lambda v: v <= 4, None),
     "burst_answer_p50_s": ("-", None, None),
+    "burst_feedback_1s_pct": ("report", None, None),  # bounded by the status + reactions budgets
     "soak_answers_per_s": ("report", None, None),
     "overload_ack_p99_ms": ("<= 100 ms", lambda v: v <= 100, None),
     "overload_answers_per_s": (">= baseline", None, None),
@@ -388,6 +389,8 @@ class Run:
         self.res["burst_wall_s"] = (max(ends) - first) if ok and ends else None
         self.res["burst_answer_p50_s"] = pct([self.slack.done[q] - self.sent(q) for q in qids if q in self.slack.done], 50)
         self.res["burst_feedback_p95_ms"] = pct(self.feedback_ms(qids), 95)
+        # Feedback (status, placeholder, stream or 👀) visible within a second of the question.
+        self.res["burst_feedback_1s_pct"] = 100 * sum(ms <= 1000 for ms in self.feedback_ms(qids)) / len(qids)
         self.extra["burst_outcomes"] = {**self.outcomes(qids), "all_finished": ok}
         self.gateway.take()
 

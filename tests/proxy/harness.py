@@ -203,8 +203,11 @@ class RealProxy:
                 self.process.wait(5)
 
 
-def start_proxy(upstream: Upstream, workdir: Path, timeout: float = 90) -> RealProxy:
-    """Start the proxy in front of ``upstream`` and return once its readiness probe answers 200."""
+def start_proxy(upstream: Upstream, workdir: Path, timeout: float = 90, *,
+                keepalive_seconds: int | None = None) -> RealProxy:
+    """Start the proxy in front of ``upstream`` and return once its readiness probe answers 200.
+    ``keepalive_seconds``: uvicorn's idle keep-alive timeout (the proxy's --keepalive_timeout;
+    uvicorn's default is 5 s)."""
     import yaml
 
     config = workdir / "proxy_config.yaml"
@@ -227,7 +230,8 @@ def start_proxy(upstream: Upstream, workdir: Path, timeout: float = 90) -> RealP
     started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--host", "127.0.0.1",
-         "--port", str(port)],
+         "--port", str(port),
+         *(["--keepalive_timeout", str(keepalive_seconds)] if keepalive_seconds is not None else [])],
         env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     proxy = RealProxy(process, port, upstream, workdir)
