@@ -109,11 +109,13 @@ SECRET_ENV_VARS = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "LITELLM_DEVELOPER_KEY"
 EXIT_CONFIG = 2
 EXIT_SLACK_AUTH = 1
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge"
+# What the AI pane offers a new thread and the Home tab suggests: questions the shipped
+# knowledge answers (each is in tests/eval/shipped.yaml, a test holds them there).
 DEFAULT_PROMPTS = (
+    "How do I create ledger lines for a new activity type?",
+    "My activity is stuck in NEW status, what should I check?",
+    "What's an idempotency key and why does it matter?",
     "Why did my journal import reject rows in GL_INTERFACE?",
-    "How does GL Publisher post journals to the Oracle General Ledger?",
-    "What does a period status of 'Future Enterable' allow?",
-    "How do I trace a GL balance back to its journal lines?",
 )
 
 
@@ -1013,11 +1015,11 @@ def _read_by(resp: Any, conn: Any, max_bytes: int, finish_by: float) -> bytes:
             raise SlackError("files", "too_large")
 
 
-LOADING_MESSAGES = (
+LOADING_MESSAGES = (  # each within Slack's 50 characters; promising only what the bot does
     "Reading the thread…",
-    "Checking the GL docs…",
+    "Checking the GL Publisher docs…",
+    "Looking through the Oracle GL notes…",
     "Balancing the debits and credits…",
-    "Looking up the journal sources…",
 )
 
 
@@ -1496,20 +1498,29 @@ def strip_mention(text: str, bot_user_id: str) -> str:
 
 SYSTEM_PROMPT = """\
 You are ledger-bot, the Slack assistant of Wealthsimple's BOR Write team. You answer questions \
-about GL Publisher and the Oracle General Ledger for engineers, in a Slack thread.
+about GL Publisher and the Oracle General Ledger for engineers, in a Slack thread. Most of them \
+work on other teams and are connecting their service to GL Publisher: onboarding an activity \
+type, writing an Impact Builder, producing to its Kafka topic, reading the Oracle tables, \
+finding out why an activity is stuck or failed.
 
 How to answer:
 - Write for Slack: short paragraphs, bullet lists, `code` and fenced code blocks; standard \
 Markdown renders. No top-level headings for short answers.
 - Ground answers in the team knowledge below when it covers the question. If the knowledge does \
-not cover it, say so plainly and give your best general guidance, marked as such. Never invent \
-table names, job names or configuration values.
+not cover it, say so plainly and give your best general guidance, marked as such, with where \
+to find out (the document to read, or #bor-write-eng). Never invent table names, job names, \
+topics, mutations or configuration values.
+- Keep it short: one to three paragraphs for most questions. Point the person to the document \
+and section that has the detail instead of repeating it whole, and show code only when it \
+answers the question.
+- When there is a next step (a query to run, a log to read, a pull request to open, someone to \
+ask), give it last, just before the Sources line.
 - Cite what you used: end the answer with one last line `Sources: ` followed by the `source` \
 labels of the documents you relied on, exactly as written in their tags, separated by " ; ". \
 Leave the line out if you used none. Do not mention the labels anywhere else.
 - Messages from people arrive prefixed with their Slack mention, e.g. "<@U123>: ...". Several \
 people may be in the thread; answer the latest message, using the thread for context.
-- Be concise; lead with the answer."""
+- Lead with the answer."""
 
 
 def build_llm_messages(
@@ -2050,6 +2061,7 @@ def home_view(sections: list[Section], config: Config) -> dict:
             f"• On any message: *More actions → {SHORTCUT_NAME}*.\n"
             "• Paste a screenshot of an error with your question: I can read images."
         ),
+        text("*Try asking*\n" + "\n".join(f"• {p}" for p in config.suggested_prompts)),
         text(
             "*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's "
             "ref), and tell the BOR Write team in #bor-write-eng with the `lb-…` ref."
@@ -2276,6 +2288,11 @@ class KnowledgeBase:
         self.index = BM25(sections)
         self._tokens: list[int] | None = None
         self._lock = threading.Lock()
+
+    def rank(self, query: str) -> list[Section]:
+        """Every section sharing a term with ``query``, best first, with no cut-off: the
+        ranking the eval's ranked measures read."""
+        return [self.sections[i] for _, i in self.index.scores(query)]
 
     def choose(self, query: str, budget: int, count: Callable[[str], int]) -> KnowledgeChoice:
         with self._lock:
@@ -3649,6 +3666,11 @@ def cited_sections(choice: KnowledgeChoice, labels: list[str]) -> list[Section]:
     return [sent[label] for label in dict.fromkeys(labels) if label in sent]
 
 
+# The prompt a question is assumed to need until its real cost is known: the whole shipped
+# knowledge (~31,000 tokens by litellm's count, README › Retrieval) and a thread.
+RESERVE_PROMPT_TOKENS = 40_000
+
+
 class Answerer:
     """Turns one Question into one reply in its thread; every failure becomes a notice.
 
@@ -3679,12 +3701,12 @@ class Answerer:
         self.flusher = Flusher(interval=config.flusher_interval)
         self._open: dict[str, tuple[Job, Reply | None]] = {}
         self._open_lock = threading.Lock()
-        # What a question is assumed to cost until it is answered: a 20,000-token prompt and
-        # the longest answer allowed.
+        # What a question is assumed to cost until it is answered: a RESERVE_PROMPT_TOKENS
+        # prompt, none of it cached, and the longest answer allowed.
         self.reserve_usd = cost_usd(
             config,
             Usage(
-                prompt_tokens=min(config.ledger_bot_context_tokens, 20_000),
+                prompt_tokens=min(config.ledger_bot_context_tokens, RESERVE_PROMPT_TOKENS),
                 completion_tokens=config.ledger_bot_max_output_tokens,
             ),
         )
@@ -4717,8 +4739,13 @@ def run_ask(config: Config, question: str, out: Any) -> int:
 
 
 class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
+    """One golden question: what a person asks (after ``thread``, their earlier messages in
+    the thread, oldest first), the section labels that answer it ([] = the knowledge cannot,
+    and the answer must cite nothing), and facts a right answer contains or must not."""
+
     id: str
     question: str
+    thread: list[str] = []
     expect_sections: list[str] = []
     must_contain: list[str] = []
     must_not_contain: list[str] = []
@@ -4726,13 +4753,15 @@ class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
 
 class EvalSpec(msgspec.Struct, forbid_unknown_fields=True):
     """An eval file (YAML or JSON): the questions, the knowledge folder (relative to the file;
-    default: LEDGER_BOT_KNOWLEDGE), LEDGER_BOT_* settings to evaluate under, and the floors
-    that fail the run (``recall``, ``precision`` offline; ``answers`` online)."""
+    default: LEDGER_BOT_KNOWLEDGE), LEDGER_BOT_* settings to evaluate under, ``k`` for the
+    ranked measures, and the floors that fail the run (any measure of the summary: ``recall``,
+    ``precision``, ``recall_at_k``, ``mrr``, ``ndcg_at_k`` offline; ``answers`` online)."""
 
     questions: list[EvalQuestion]
     knowledge: str = ""
     settings: dict[str, str] = {}
     thresholds: dict[str, float] = {}
+    k: Annotated[int, msgspec.Meta(ge=1)] = 5
 
 
 class EvalError(Exception):
@@ -4772,17 +4801,46 @@ def retrieval_scores(
     return recall, precision
 
 
+def ranked_scores(expected: list[str], ranked: list[str], k: int) -> dict[str, float | None]:
+    """How well the retrieval ranking ``ranked`` (best first) puts the ``expected`` labels on
+    top, with binary relevance: recall@k (the share of them in the first k), the reciprocal
+    rank of the first one (0 if none is ranked), and nDCG@k (1 when they are exactly the first
+    ones). All None for a question nothing answers."""
+    if not expected:
+        return {"recall_at_k": None, "mrr": None, "ndcg_at_k": None}
+    relevant = set(expected)
+    first = next((i for i, label in enumerate(ranked, 1) if label in relevant), None)
+    dcg = sum(1 / math.log2(i + 1) for i, label in enumerate(ranked[:k], 1) if label in relevant)
+    ideal = sum(1 / math.log2(i + 1) for i in range(1, min(len(relevant), k) + 1))
+    return {
+        "recall_at_k": len(relevant & set(ranked[:k])) / len(relevant),
+        "mrr": 1 / first if first else 0.0,
+        "ndcg_at_k": dcg / ideal,
+    }
+
+
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
 
+def eval_thread(messages: list[str]) -> list[dict]:
+    """A golden question's earlier messages as the Slack thread they stand for (before the
+    terminal question's ts)."""
+    return [{"user": "you", "text": text, "ts": f"0.{i:06d}"} for i, text in enumerate(messages, 1)]
+
+
+RANKED_MEASURES = ("recall_at_k", "mrr", "ndcg_at_k")
+
+
 def run_eval(
     config: Config, spec: EvalSpec, spec_path: Path, *, online: bool, report: Path | None, out: Any
 ) -> int:
-    """``--eval``: retrieval recall/precision per question (and, online, the answers checked);
-    prints a table, writes ``report`` as JSON; exit 1 if a threshold is missed, 2 if the file
-    names sections the knowledge does not have."""
+    """``--eval``: per question, how the retrieval ranks the expected sections (recall@k, MRR,
+    nDCG@k) and which reach the prompt (recall, precision); online, the answer through the
+    gateway too (facts it must and must not contain, cited sections, seconds, cost). Prints a
+    table; writes ``report`` as JSON and, beside it, a Markdown summary (``.md``); exit 1 if a
+    threshold is missed, 2 if the file names sections the knowledge does not have."""
     root = (spec_path.parent / spec.knowledge) if spec.knowledge else config.knowledge_path
     kb = KnowledgeBase(load_knowledge(root))
     unknown = sorted(
@@ -4798,57 +4856,32 @@ def run_eval(
     count = token_counter(config)
     rows: list[dict[str, Any]] = []
     for q in spec.questions:
-        messages, choice = build_prompt(
-            config, kb, terminal_question(q.question), [], TERMINAL_ME, count
-        )
+        thread = eval_thread(q.thread)
+        asked = terminal_question(q.question)
+        messages, choice = build_prompt(config, kb, asked, thread, TERMINAL_ME, count)
+        ranked = [s.label for s in kb.rank(retrieval_query(asked.text, thread))]
         recall, precision = retrieval_scores(q.expect_sections, choice.labels)
         row: dict[str, Any] = {
             "id": q.id,
+            **ranked_scores(q.expect_sections, ranked, spec.k),
             "recall": recall,
             "precision": precision,
             "whole": choice.whole,
+            "ranked": ranked[: spec.k],
             "retrieved": list(choice.labels),
             "expected": q.expect_sections,
         }
         if online:
-            result = answer_in_terminal(config, messages, choice)
-            lowered = result.text.lower()
-            cited = [s.label for s in result.cited]
-            row.update(
-                {
-                    "missing": [m for m in q.must_contain if m.lower() not in lowered],
-                    "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
-                    "cited": cited,
-                    "cited_unexpected": [c for c in cited if c not in q.expect_sections],
-                    "seconds": round(result.seconds, 2),
-                    "cost_usd": round(cost_usd(config, result.usage), 6),
-                    "failure": result.failure.kind if result.failure else None,
-                }
-            )
-            row["passed"] = not (
-                row["missing"] or row["forbidden"] or row["cited_unexpected"] or row["failure"]
-            )
+            row.update(_answer_checks(config, q, messages, choice))
         rows.append(row)
-    summary: dict[str, Any] = {
-        "questions": len(rows),
-        "knowledge_budget_tokens": knowledge_budget(config),
-        "recall": _mean([r["recall"] for r in rows]),
-        "precision": _mean([r["precision"] for r in rows]),
-        "all_expected_retrieved": sum(1 for r in rows if r["recall"] == 1.0),
-        "covered": sum(1 for r in rows if r["expected"]),
-    }
-    if online:
-        summary.update(
-            {
-                "answers": sum(r["passed"] for r in rows) / len(rows) if rows else None,
-                "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
-                "seconds_p50": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None,
-            }
-        )
-    _print_eval(rows, summary, online, out)
+    summary = _eval_summary(config, spec, rows, online)
+    _print_eval(rows, summary, spec.k, online, out)
     if report is not None:
         report.write_text(
             json.dumps({"summary": summary, "questions": rows}, indent=2) + "\n", encoding="utf-8"
+        )
+        report.with_suffix(".md").write_text(
+            eval_markdown(rows, summary, spec.k, online), encoding="utf-8"
         )
     missed = [
         f"{name} {summary.get(name)} < {floor}"
@@ -4860,20 +4893,74 @@ def run_eval(
     return 1 if missed else 0
 
 
-def _print_eval(
-    rows: list[dict[str, Any]], summary: dict[str, Any], online: bool, out: Any
-) -> None:
-    def num(v: float | None) -> str:
-        return "  -  " if v is None else f"{v:5.2f}"
+def _answer_checks(
+    config: Config, q: EvalQuestion, messages: list[dict], choice: KnowledgeChoice
+) -> dict[str, Any]:
+    """One golden question answered through the gateway and checked: the must / must-not
+    facts, and citations (only expected sections; none at all where the knowledge cannot
+    answer)."""
+    result = answer_in_terminal(config, messages, choice)
+    lowered = result.text.lower()
+    cited = [s.label for s in result.cited]
+    checks: dict[str, Any] = {
+        "missing": [m for m in q.must_contain if m.lower() not in lowered],
+        "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
+        "cited": cited,
+        "cited_unexpected": [c for c in cited if c not in q.expect_sections],
+        "seconds": round(result.seconds, 2),
+        "cost_usd": round(cost_usd(config, result.usage), 6),
+        "failure": result.failure.kind if result.failure else None,
+    }
+    checks["passed"] = not (
+        checks["missing"] or checks["forbidden"] or checks["cited_unexpected"] or checks["failure"]
+    )
+    return checks
 
+
+def _eval_summary(
+    config: Config, spec: EvalSpec, rows: list[dict[str, Any]], online: bool
+) -> dict[str, Any]:
+    covered = [r for r in rows if r["expected"]]
+    summary: dict[str, Any] = {
+        "questions": len(rows),
+        "covered": len(covered),
+        "k": spec.k,
+        "knowledge_budget_tokens": knowledge_budget(config),
+        "whole_knowledge": all(r["whole"] for r in rows),
+        **{name: _mean([r[name] for r in rows]) for name in RANKED_MEASURES},
+        "recall": _mean([r["recall"] for r in rows]),
+        "precision": _mean([r["precision"] for r in rows]),
+        "all_expected_retrieved": sum(1 for r in rows if r["recall"] == 1.0),
+        "top_k_misses": [r["id"] for r in covered if not r["recall_at_k"]],
+    }
+    if online:
+        seconds = sorted(r["seconds"] for r in rows)
+        summary.update(
+            {
+                "answers": sum(r["passed"] for r in rows) / len(rows) if rows else None,
+                "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
+                "seconds_p50": seconds[len(seconds) // 2] if seconds else None,
+            }
+        )
+    return summary
+
+
+def _num(v: float | None) -> str:
+    return "  -  " if v is None else f"{v:5.2f}"
+
+
+def _print_eval(
+    rows: list[dict[str, Any]], summary: dict[str, Any], k: int, online: bool, out: Any
+) -> None:
     width = max([len(r["id"]) for r in rows] + [8])
-    head = f"{'question':<{width}}  recall  precision  sections" + (
+    head = f"{'question':<{width}}  recall@{k}   MRR  nDCG@{k}  recall  precision  sections" + (
         "  answer  seconds  cost_usd" if online else ""
     )
     print(head, file=out)
     for r in rows:
         line = (
-            f"{r['id']:<{width}}  {num(r['recall'])}   {num(r['precision'])}      "
+            f"{r['id']:<{width}}  {_num(r['recall_at_k'])}   {_num(r['mrr'])}  "
+            f"{_num(r['ndcg_at_k'])}   {_num(r['recall'])}   {_num(r['precision'])}      "
             f"{len(r['retrieved']):>4}"
         )
         if online:
@@ -4881,10 +4968,12 @@ def _print_eval(
             line += f"  {verdict:>6}  {r['seconds']:7.2f}  {r['cost_usd']:8.4f}"
         print(line, file=out)
     print(
-        f"{'overall':<{width}}  {num(summary['recall'])}   {num(summary['precision'])}   "
-        f"(all expected sections retrieved for {summary['all_expected_retrieved']} of "
-        f"{summary['covered']} covered questions; knowledge budget "
-        f"{summary['knowledge_budget_tokens']} tokens)",
+        f"{'overall':<{width}}  {_num(summary['recall_at_k'])}   {_num(summary['mrr'])}  "
+        f"{_num(summary['ndcg_at_k'])}   {_num(summary['recall'])}   "
+        f"{_num(summary['precision'])}   (all expected sections in the prompt for "
+        f"{summary['all_expected_retrieved']} of {summary['covered']} covered questions; "
+        f"knowledge budget {summary['knowledge_budget_tokens']} tokens"
+        f"{', whole knowledge in every prompt' if summary['whole_knowledge'] else ''})",
         file=out,
     )
     if online:
@@ -4893,6 +4982,44 @@ def _print_eval(
             f"p50 {summary['seconds_p50']} s",
             file=out,
         )
+
+
+def eval_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], k: int, online: bool) -> str:
+    """The eval as a reviewer reads it in a pull request: the summary, then one row per
+    question (with what an online answer missed, and what it cited that it should not)."""
+    lines = [
+        "# ledger-bot eval",
+        "",
+        f"{summary['questions']} questions ({summary['covered']} the knowledge answers); "
+        f"recall@{k} {_num(summary['recall_at_k']).strip()}, "
+        f"MRR {_num(summary['mrr']).strip()}, nDCG@{k} {_num(summary['ndcg_at_k']).strip()}; "
+        f"prompt recall {_num(summary['recall']).strip()}, "
+        f"precision {_num(summary['precision']).strip()}.",
+    ]
+    if online:
+        lines.append(
+            f"Answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
+            f"p50 {summary['seconds_p50']} s."
+        )
+    head = ["question", f"recall@{k}", "MRR", f"nDCG@{k}", "recall", "precision"]
+    if online:
+        head += ["answer", "missing", "cited unexpectedly", "seconds", "cost (USD)"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['id']}`"] + [
+            _num(r[m]).strip() for m in (*RANKED_MEASURES, "recall", "precision")
+        ]
+        if online:
+            failure = f" ({r['failure']})" if r["failure"] else ""
+            cells += [
+                "pass" if r["passed"] else f"**FAIL**{failure}",
+                ", ".join(r["missing"]),
+                "; ".join(r["cited_unexpected"]),
+                f"{r['seconds']:.2f}",
+                f"{r['cost_usd']:.4f}",
+            ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
