@@ -6,24 +6,32 @@ gateway (Claude on Bedrock) with the team's knowledge base as context, and answe
 Run it with ``python ledger_bot.py`` (configuration comes from the environment, see README.md);
 ``--check`` validates the configuration and both upstreams and exits 0/1; ``--ask "…"``
 answers one question in the terminal; ``--eval FILE`` measures retrieval (and, ``--online``,
-answers) against a golden set.
+answers) against a golden set. Each mode reads only the settings it uses.
 
 Sections, in the order a question travels through them:
-  1. Configuration   - environment -> validated ``Config`` (exit 2 naming every bad variable)
+  1. Configuration   - environment -> validated settings (exit 2 naming every bad variable)
   2. Logging         - JSON lines (text on a terminal); values redacted before serialising
   3. Metrics         - ``Metrics``: every collector, on an injected CollectorRegistry
-  4. Health server   - /health, /ready, /metrics on HEALTH_PORT (stdlib http.server)
-  5. Slack I/O       - ``SlackApi``: every Web API call, per-method rate budgets, error mapping
-  6. Conversation    - pure: Slack event -> Question -> LLM messages; splitting and fences
-  7. Knowledge       - the team's documents: load, split by heading, BM25 index, budget
-  8. LLM             - litellm: one deadline, retries, errors -> outcome kinds, cost
-  9. Reply delivery  - ``Reply``: status, streamed or posted answer, rollover, Stop, fallback
- 10. Outcomes        - ``OUTCOMES``: every way a question ends -> notice, log level, metric
- 11. Answering       - limits, follow-up verdicts, the worker's job: one question -> one reply
- 12. Dispatch        - acked envelope -> ignore / duplicate / refuse / queue; feedback; notices
- 13. Socket Mode     - ``SocketLink``: connect when warm, ack on the reader, detect dead links
- 14. Terminal        - ``--ask`` and ``--eval``: the same pipeline without Slack
- 15. Lifecycle       - worker pool, drain, signals, memory (gc freeze, heap trim), ``main()``
+  4. Health server   - /health, /ready, /metrics on HEALTH_PORT; ``Health``; ``Signals``
+  5. Block Kit       - pure: every payload shown in Slack (blocks, modal, Home tab), in limits
+  6. Slack I/O       - ``SlackApi`` (one ``call``: rate budgets, 429 waits, error mapping),
+                       ``SlackSurfaces``, ``SlackFiles``; ``Notifier``'s lanes
+  7. Conversation    - pure: Slack event -> Question -> LLM messages; splitting and fences;
+                       the modal's signed metadata; screenshots
+  8. Knowledge       - the team's documents: load, split by heading, BM25 index, reload
+  9. LLM             - litellm: the model's facts, one deadline, retries, errors -> outcome
+                       kinds, cost
+ 10. Reply delivery  - ``Reply`` (one state field), its ``Feedback`` and ``Delivery``
+                       (``StreamDelivery`` or ``PostDelivery``); the ``Flusher``
+ 11. Outcomes        - ``OUTCOMES``: every way a question ends -> notice, log level, metric;
+                       ``Job``; ``Recorder``, the one place an outcome is recorded
+ 12. Answering       - limits, follow-up verdicts, the prompt, ``Notices``, and ``Answerer``:
+                       the worker's job, one question -> one reply
+ 13. Dispatch        - ``Dispatcher`` (envelopes, events), ``Interactions``, ``Intake``
+                       (once only, allow-lists, the queue)
+ 14. Socket Mode     - ``SocketLink``: connect when warm, detect dead links; ``Acks``
+ 15. Terminal        - ``--check``, ``--ask``, ``--eval``: the same pipeline without Slack
+ 16. Lifecycle       - worker pool, ``Bot``, drain, memory (gc freeze, heap trim), ``main()``
 
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains;
@@ -33,16 +41,15 @@ Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - health-http: ``ThreadingHTTPServer`` answering probes (one short thread per request; a
     connection that sends nothing is dropped after a few seconds).
   - slack_sdk's SocketModeClient: a reader thread, a message processor, a ping monitor and a
-    listener pool. ``SocketLink.on_frame`` acks on the reader thread; the listener only
-    classifies and enqueues (waiting at most for on_frame to record the ack), it never calls
-    Slack.
+    listener pool. ``Acks.ack`` acks on the reader thread; the listener only classifies and
+    enqueues (waiting at most for the ack to be recorded), it never calls Slack.
   - socket-watchdog: notices a dead or refused connection and reconnects with backoff.
   - answer-N: ``LEDGER_BOT_WORKERS`` threads taking questions from a bounded queue.
   - notices-trigger, notices-notices, notices-home: every Slack call the dispatcher needs, off
     the listener, in three lanes so none waits behind another (``NOTICE_LANES``): the
     shortcut's modal; refusals, feedback thanks, suggested prompts and thread titles; the
     Home tab.
-  - stream-flusher: shows buffered answer text when the model goes quiet (see Flusher).
+  - stream-flusher: shows buffered answer text when the model goes quiet (``Flusher``).
   - litellm-import: imports litellm once (~4 s); the socket opens only after it finished.
   - at shutdown only: socket-close (slack_sdk's slow close) and one interrupt thread per
     answer still open when the drain deadline passes.
@@ -80,8 +87,9 @@ import socket
 import sys
 import threading
 import time
+import typing
 import urllib.parse
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -99,6 +107,33 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 __version__ = "0.2.0"
 
 log = logging.getLogger("ledger_bot")
+
+# What this module relies on that its dependencies do not promise: private names, or public
+# objects whose inner shape matters. One place: tests/test_units.py checks each entry against
+# the installed versions, so a dependency update (Renovate moves the pins) that changes one fails
+# loudly, naming it, instead of silently turning a guard off.
+RELIED_ON = {
+    "slack_sdk WebClient._perform_urllib_http_request_internal(url, req)": (
+        "PooledWebClient overrides it to keep one connection per thread and host"
+    ),
+    "slack_sdk WebClient.proxy and .ssl": "PooledWebClient falls back to urllib behind a proxy",
+    "slack_sdk SocketModeClient.connect_operation_lock": (
+        "the watchdog never starts a connect while slack_sdk's own is in flight"
+    ),
+    "slack_sdk SocketModeClient.current_session.last_ping_pong_time": (
+        "the watchdog's dead-connection check reads the last pong"
+    ),
+    "slack_sdk SocketModeClient.current_session.sock": (
+        "TCP_NODELAY on it, and the shutdown that wakes the reader at close"
+    ),
+    "slack_sdk SocketModeClient.message_processor": "/health: is its thread alive",
+    "litellm streaming response .completion_stream (an openai Stream with .response)": (
+        "stream_completion reads the gateway's SSE lines itself (iter_lines)"
+    ),
+    "litellm.model_cost entries with max_input_tokens and the four prices": (
+        "model_facts: the model's context and prices come from litellm's map"
+    ),
+}
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -128,20 +163,31 @@ Count = Annotated[int, _setting("a whole number >= 1", ge=1)]
 Flag = Annotated[bool, _setting("true or false")]
 Dollars = Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)]
 
+# The settings, one Struct per way of running: each field is the lower-cased variable, required
+# fields have no default, and each mode reads only what it uses. ``load_config`` validates every
+# variable and reports all problems at once; it never echoes a value (a malformed secret is
+# still a secret). What nobody needs to turn is a named constant beside the code that uses it.
 
-class Config(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything the bot reads from the environment; each field is the lower-cased variable.
 
-    Required fields have no default. ``load_config`` validates every variable and reports all
-    problems at once; it never echoes a value, because a malformed secret is still a secret.
-    """
+class KnowledgeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the offline ``--eval`` reads: the documents, and the model whose tokens it counts."""
 
-    slack_bot_token: Annotated[
-        str, _setting("a Slack bot token starting with 'xoxb-'", pattern=r"^xoxb-\S+$")
-    ]
-    slack_app_token: Annotated[
-        str, _setting("a Slack app-level token starting with 'xapp-'", pattern=r"^xapp-\S+$")
-    ]
+    ledger_bot_knowledge: Annotated[
+        str, _setting("a readable .md/.txt file or a directory holding some")
+    ] = ""
+    ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = (
+        "bedrock-claude-4.5-sonnet"
+    )
+
+    @property
+    def knowledge_path(self) -> Path:
+        """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
+        return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
+
+
+class GatewaySettings(KnowledgeSettings, frozen=True, kw_only=True):
+    """What ``--ask`` and ``--eval --online`` read too: the LiteLLM gateway and its deadlines."""
+
     litellm_developer_key: Annotated[
         str, _setting("the LiteLLM gateway key (non-empty, no spaces)", pattern=r"^\S+$")
     ]
@@ -152,12 +198,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             pattern=r"^https?://[^\s/]+",
         ),
     ]
-    ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = (
-        "bedrock-claude-4.5-sonnet"
-    )
     ledger_bot_environment: Annotated[
         str, _setting("a short name such as staging or production", pattern=r"^[a-z0-9-]{1,32}$")
     ] = "local"
+    ledger_bot_llm_timeout_seconds: Seconds = 60.0
+    ledger_bot_answer_max_seconds: Seconds = 240.0
+
+
+class Config(GatewaySettings, frozen=True, kw_only=True):
+    """Everything the bot (and ``--check``) reads from the environment."""
+
+    slack_bot_token: Annotated[
+        str, _setting("a Slack bot token starting with 'xoxb-'", pattern=r"^xoxb-\S+$")
+    ]
+    slack_app_token: Annotated[
+        str, _setting("a Slack app-level token starting with 'xapp-'", pattern=r"^xapp-\S+$")
+    ]
     slack_api_url: Annotated[
         str, _setting("an http(s) URL ending in /", pattern=r"^https?://\S+/$")
     ] = "https://slack.com/api/"
@@ -168,46 +224,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Annotated[
         str, _setting("one of auto, json, text", pattern=r"^(auto|json|text)$")
     ] = "auto"
-    ledger_bot_llm_timeout_seconds: Seconds = 60.0
-    ledger_bot_llm_max_retries: Annotated[int, _setting("a whole number 0-5", ge=0, le=5)] = 1
-    ledger_bot_llm_retry_after_max_seconds: Annotated[float, _setting("seconds >= 0", ge=0)] = 5.0
-    ledger_bot_answer_max_seconds: Seconds = 240.0
     ledger_bot_workers: Count = 16
     ledger_bot_queue_size: Count = 64
     ledger_bot_shutdown_grace_seconds: Seconds | None = None
-    ledger_bot_history_max_messages: Count = 40
-    ledger_bot_history_max_chars: Annotated[int, _setting("a whole number >= 1000", ge=1000)] = (
-        40_000
-    )
-    ledger_bot_context_tokens: Annotated[int, _setting("a whole number >= 4096", ge=4096)] = 200_000
-    ledger_bot_max_output_tokens: Annotated[int, _setting("a whole number >= 256", ge=256)] = 4096
-    ledger_bot_knowledge: Annotated[
-        str, _setting("a readable .md/.txt file or a directory holding some")
-    ] = ""
-    ledger_bot_knowledge_share: Annotated[
-        float, _setting("a fraction between 0.05 and 0.9", ge=0.05, le=0.9)
-    ] = 0.5
-    ledger_bot_knowledge_reload_seconds: Annotated[
-        float, _setting("seconds >= 0 (0 = check on every question)", ge=0)
-    ] = 10.0
     ledger_bot_streaming: Flag = True
-    ledger_bot_stream_flush_chars: Count = 400
-    ledger_bot_stream_flush_seconds: Seconds = 0.5
     ledger_bot_slack_rate_share: Annotated[
         float, _setting("a fraction between 0.05 and 1", ge=0.05, le=1)
     ] = 0.5
-    ledger_bot_slack_rate_limits: Annotated[
-        tuple[str, ...],
-        _setting("comma-separated method=calls_per_minute, e.g. chat.appendStream=100"),
-    ] = ()
     ledger_bot_follow_ups: Flag = False
     ledger_bot_suggested_prompts: Annotated[str, _setting("prompts separated by |, at most 4")] = ""
-    ledger_bot_image_max_count: Annotated[
-        int, _setting("a whole number 0-10 (0 = no images)", ge=0, le=10)
-    ] = 4
-    ledger_bot_image_max_bytes: Annotated[
-        int, _setting("bytes between 1 and 20,000,000", ge=1, le=20_000_000)
-    ] = 5_000_000
     ledger_bot_allowed_channels: Annotated[
         tuple[str, ...], _setting("comma-separated Slack channel ids")
     ] = ()
@@ -216,23 +241,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ] = ()
     ledger_bot_feedback: Flag = True
     ledger_bot_user_rate_limit: Annotated[
-        int, _setting("a whole number >= 0 (0 = no limit)", ge=0)
+        int, _setting("questions per minute, a whole number >= 0 (0 = no limit)", ge=0)
     ] = 10
-    ledger_bot_user_rate_window_seconds: Seconds = 60.0
     ledger_bot_daily_budget_usd: Dollars = 50.0
     ledger_bot_user_daily_budget_usd: Dollars = 5.0
-    ledger_bot_input_cost_per_mtok: Annotated[
-        float, _setting("dollars per million tokens >= 0", ge=0)
-    ] = 3.0
-    ledger_bot_output_cost_per_mtok: Annotated[
-        float, _setting("dollars per million tokens >= 0", ge=0)
-    ] = 15.0
     ledger_bot_git_sha: str = "unknown"
-
-    @property
-    def knowledge_path(self) -> Path:
-        """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
-        return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
 
     @property
     def suggested_prompts(self) -> list[str]:
@@ -249,26 +262,24 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             return self.ledger_bot_shutdown_grace_seconds
         return self.ledger_bot_answer_max_seconds + 10
 
-    @property
-    def flusher_interval(self) -> float:
-        """How often the stream flusher looks for text waiting on a quiet model: often enough
-        that text waits at most ``ledger_bot_stream_flush_seconds`` plus a tenth of a second."""
-        return min(0.1, self.ledger_bot_stream_flush_seconds / 2)
-
 
 def _env_name(field_name: str) -> str:
     return field_name.upper()
 
 
-def load_config(environ: dict[str, str] | os._Environ) -> Config:
-    """Build a Config from ``environ``; raise ConfigError listing every bad variable.
+S = typing.TypeVar("S", bound=KnowledgeSettings)
+
+
+def load_config(environ: dict[str, str] | os._Environ, kind: type[S] = Config) -> S:  # type: ignore[assignment]
+    """Build ``kind`` (Config, or a terminal mode's settings) from ``environ``; raise
+    ConfigError listing every bad variable.
 
     Empty strings count as unset. Each variable is converted on its own so one bad value does
     not hide the next; error lines name the variable and what it must be, never its value.
     """
     values: dict[str, Any] = {}
     problems: list[str] = []
-    for field in msgspec.structs.fields(Config):
+    for field in _report_order(kind):
         name = _env_name(field.name)
         raw = _normalise(field, environ.get(name, "").strip())
         if not raw:
@@ -287,23 +298,29 @@ def load_config(environ: dict[str, str] | os._Environ) -> Config:
     ):
         problems.append(
             "LEDGER_BOT_KNOWLEDGE: invalid, expected "
-            + _describe(_field_type("ledger_bot_knowledge"))
+            + _describe(_field_type(kind, "ledger_bot_knowledge"))
         )
-    if "ledger_bot_slack_rate_limits" in values:
-        try:
-            parse_rate_overrides(values["ledger_bot_slack_rate_limits"])
-        except ValueError:
-            problems.append(
-                "LEDGER_BOT_SLACK_RATE_LIMITS: invalid, expected "
-                + _describe(_field_type("ledger_bot_slack_rate_limits"))
-            )
     if problems:
         raise ConfigError(problems)
-    return Config(**values)
+    return kind(**values)
 
 
-def _field_type(name: str) -> Any:
-    return next(f.type for f in msgspec.structs.fields(Config) if f.name == name)
+def _report_order(kind: type) -> list[msgspec.structs.FieldInfo]:
+    """``kind``'s fields in the order problems are reported: the secrets first (as
+    SECRET_ENV_VARS lists them), then the other required ones, then the rest, as declared."""
+    fields = msgspec.structs.fields(kind)
+    secrets = [name.lower() for name in SECRET_ENV_VARS]
+
+    def rank(field: msgspec.structs.FieldInfo) -> tuple[int, int]:
+        if field.name in secrets:
+            return 0, secrets.index(field.name)
+        return (1 if field.required else 2), fields.index(field)
+
+    return sorted(fields, key=rank)
+
+
+def _field_type(kind: type, name: str) -> Any:
+    return next(f.type for f in msgspec.structs.fields(kind) if f.name == name)
 
 
 def _normalise(field: msgspec.structs.FieldInfo, raw: str) -> str:
@@ -611,29 +628,51 @@ NOT_CONNECTED = "no live Slack Socket Mode connection"
 
 
 class Health:
-    """What the probes report. Written by the lifecycle code, SocketLink and the signal-watch
-    thread, read by the HTTP handler. ``connected`` is true only between a ``hello`` on a live
-    connection and its loss; ``stopping`` from the moment SIGTERM arrives."""
+    """What the probes report, as one ``state``: "waiting" (no live Socket Mode connection yet,
+    or any more; ``reason`` says what for), "ready" (between a ``hello`` on a live connection
+    and its loss), or "stopping" (from SIGTERM on, never left). Written through ``waiting``,
+    ``ready`` and ``stop`` by the lifecycle code, SocketLink and the signal-watch thread; read
+    by the HTTP handler."""
 
     def __init__(self) -> None:
-        self.connected = False
-        self.stopping = False
-        self.waiting_for = NOT_CONNECTED  # why /ready is 503 while not connected
+        self.state, self.reason = "waiting", NOT_CONNECTED
         self.liveness_checks: list[Callable[[], str | None]] = []  # each returns a problem or None
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def stopping(self) -> bool:
+        return self.state == "stopping"
+
+    def waiting(self, reason: str = NOT_CONNECTED) -> None:
+        self._move("waiting", reason)
+
+    def ready(self) -> None:
+        self._move("ready", "")
+
+    def stop(self) -> None:
+        self._move("stopping", "shutting down, not taking new questions")
+
+    def _move(self, state: str, reason: str) -> None:
+        with self._lock:
+            if self.state != "stopping":
+                self.state, self.reason = state, reason
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         problems = [p for check in self.liveness_checks if (p := check())]
         return not problems, {"status": "ok" if not problems else "unhealthy", "problems": problems}
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        if self.stopping:
-            return False, {
-                "status": "stopping",
-                "reason": "shutting down, not taking new questions",
-            }
-        if not self.connected:
-            return False, {"status": "not_ready", "reason": self.waiting_for}
-        return True, {"status": "ready"}
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        state, reason = self.state, self.reason
+        if state == "ready":
+            return True, {"status": "ready"}
+        return False, {
+            "status": "stopping" if state == "stopping" else "not_ready",
+            "reason": reason,
+        }
 
 
 class Signals:
@@ -681,7 +720,7 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
             ok, body = self.server.health.live()
             self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
         elif path == "/ready":
-            ok, body = self.server.health.ready()
+            ok, body = self.server.health.readiness()
             self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
         elif path == "/metrics":
             self._send(200, prometheus_client.CONTENT_TYPE_LATEST, self.server.metrics.render())
@@ -722,20 +761,204 @@ class HealthServer(http.server.ThreadingHTTPServer):
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 5. Slack I/O
+# 5. Block Kit (pure: no I/O in this section)
 # ════════════════════════════════════════════════════════════════════════════════════════
+# Every payload the bot shows in Slack, built from plain values, within Slack's limits: the
+# answer's blocks (markdown, sources, feedback), the status line, the modal, the Home tab.
 
 # Metadata event types the bot stamps on its messages, so thread context can tell answers
 # (kept, as the assistant's turns) from notices such as error and busy replies (dropped).
 ANSWER_METADATA = "ledger_bot_answer"
 NOTICE_METADATA = "ledger_bot_notice"
+# Block Kit limits the bot's payloads stay within (Slack refuses the whole payload otherwise).
+TEXT_OBJECT_LIMIT = 3_000  # characters in one text object (a section's text, a context element)
+VIEW_BLOCKS_LIMIT = 100  # blocks in a modal or the Home tab
+VIEW_BYTES_LIMIT = 250_000  # a view's JSON
+FEEDBACK_ACTION = "feedback"
+SHORTCUT_CALLBACK = "ask_ledger_bot"  # the message shortcut (slack-app-manifest.yaml)
+SHORTCUT_NAME = "Ask about this thread"  # its name in the manifest, as the Home tab quotes it
+MODAL_CALLBACK = "ask_ledger_bot_modal"
+MODAL_INPUT = ("question_block", "question")  # block_id, action_id of the modal's one field
+MODAL_MAX_CHARS = 3_000  # the question field's max_length (Slack's cap for plain_text_input)
+LOADING_MESSAGES = (  # each within Slack's 50 characters; promising only what the bot does
+    "Reading the thread…",
+    "Checking the GL Publisher docs…",
+    "Looking through the Oracle GL notes…",
+    "Balancing the debits and credits…",
+)
+
+
+def message_metadata(metadata_type: str, ref: str) -> dict:
+    """What the bot stamps on its messages: answer or notice, and the reference id."""
+    return {"event_type": metadata_type, "event_payload": {"ref": ref}}
+
+
+def markdown_blocks(markdown: str, extra_blocks: list[dict] | None = None) -> list[dict]:
+    return [{"type": "markdown", "text": markdown}, *(extra_blocks or [])]
+
+
+def feedback_blocks(ref: str, serial: int) -> list[dict]:
+    """Slack's native 👍/👎 (``feedback_buttons`` in a ``context_actions`` block). The value
+    says the vote and the answer's ref; ``block_id`` is unique per message and per update."""
+    button = {"type": "plain_text", "text": "👍"}
+    return [
+        {
+            "type": "context_actions",
+            "block_id": f"lb_feedback_{ref}_{serial}",
+            "elements": [
+                {
+                    "type": "feedback_buttons",
+                    "action_id": FEEDBACK_ACTION,
+                    "positive_button": {
+                        "text": button,
+                        "value": f"up:{ref}",
+                        "accessibility_label": "Helpful",
+                    },
+                    "negative_button": {
+                        "text": {**button, "text": "👎"},
+                        "value": f"down:{ref}",
+                        "accessibility_label": "Not helpful",
+                    },
+                }
+            ],
+        }
+    ]
+
+
+def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
+    """A small context line naming the documents an answer cited, in citation order (the most
+    relevant first); a link where the document declared ``source_url``. Within Slack's limit
+    of TEXT_OBJECT_LIMIT characters per text: labels that do not fit are counted, "+N more"."""
+    names = [
+        f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label)
+        for s in sections
+    ]
+    text, shown = "Sources: ", 0
+    for name in names:
+        more = f" · +{len(names) - shown - 1} more" if shown + 1 < len(names) else ""
+        if len(text) + len(name) + len(" · ") + len(more) > TEXT_OBJECT_LIMIT:
+            break
+        text += (" · " if shown else "") + name
+        shown += 1
+    if shown < len(names):
+        text += f"{' · ' if shown else ''}+{len(names) - shown} more"
+    return {
+        "type": "context",
+        "block_id": f"lb_sources_{ref}_{serial}",
+        "elements": [{"type": "mrkdwn", "text": text}],
+    }
+
+
+def ask_modal(where: str) -> dict:
+    """The shortcut's modal: one field, prefilled; ``where`` (``modal_where``)
+    travels in ``private_metadata``."""
+    block_id, action_id = MODAL_INPUT
+    return {
+        "type": "modal",
+        "callback_id": MODAL_CALLBACK,
+        "title": {"type": "plain_text", "text": "Ask ledger-bot"},
+        "submit": {"type": "plain_text", "text": "Ask"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": where,
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": block_id,
+                "label": {"type": "plain_text", "text": "Your question about this thread"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": action_id,
+                    "multiline": True,
+                    "initial_value": "Summarize this thread",
+                    "max_length": MODAL_MAX_CHARS,
+                },
+            }
+        ],
+    }
+
+
+def home_view(sections: list[Section], *, prompts: list[str], limits: list[str]) -> dict:
+    """The Home tab: what the bot is for, how to ask, which documents it knows, how to report a
+    bad answer, and the limits each person has (limits, not usage: one replica cannot know a
+    person's usage across replicas). Within Slack's view limits however many documents there
+    are: VIEW_BLOCKS_LIMIT blocks, VIEW_BYTES_LIMIT of JSON, TEXT_OBJECT_LIMIT per text; the
+    documents that do not fit are counted in a last line."""
+
+    def text(markdown: str) -> dict:
+        return {"type": "section", "text": {"type": "mrkdwn", "text": _cut(markdown)}}
+
+    documents: dict[str, list[str]] = {}
+    for section in sections:
+        documents.setdefault(section.source, []).append(
+            section.heading.split(" > ")[-1] if section.heading else ""
+        )
+    blocks: list[dict] = [
+        {"type": "header", "text": {"type": "plain_text", "text": "ledger-bot"}},
+        text(
+            "I answer questions about *GL Publisher* and the *Oracle General Ledger* for the "
+            "BOR Write team, from the team's documents, and cite the documents I used."
+        ),
+        text(
+            "*How to ask*\n"
+            "• @mention me in a channel: I answer in the thread, reading the thread first.\n"
+            "• Send me a direct message, or open me in the AI pane.\n"
+            f"• On any message: *More actions → {SHORTCUT_NAME}*.\n"
+            "• Paste a screenshot of an error with your question: I can read images."
+        ),
+        text("*Try asking*\n" + "\n".join(f"• {p}" for p in prompts)),
+        text(
+            "*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's "
+            "ref), and tell the BOR Write team in #bor-write-eng with the `lb-…` ref."
+        ),
+        text("*Your limits*\n" + "\n".join(f"• {line}" for line in limits)),
+        {"type": "divider"},
+        text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
+    ]
+    size = len(json.dumps(blocks))
+    room = 200  # for the "…and N more files" line
+    for listed_files, (source, headings) in enumerate(documents.items()):
+        listed = ", ".join(h for h in headings if h) or "(no headings)"
+        block = text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}")
+        block_size = len(json.dumps(block)) + 2
+        if len(blocks) + 2 > VIEW_BLOCKS_LIMIT or size + block_size + room > VIEW_BYTES_LIMIT:
+            blocks.append(text(f"…and {len(documents) - listed_files} more files."))
+            break
+        blocks.append(block)
+        size += block_size
+    return {"type": "home", "blocks": blocks}
+
+
+def _cut(text: str, limit: int = TEXT_OBJECT_LIMIT) -> str:
+    """``text`` within ``limit`` characters, ending in "…" if cut, never inside an escape."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if head.rfind("&") > head.rfind(";"):
+        head = head[: head.rfind("&")]
+    return head + "…"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
+def _mrkdwn_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 6. Slack I/O
+# ════════════════════════════════════════════════════════════════════════════════════════
 
 # Slack errors that no retry can fix: the token itself was refused.
 FATAL_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "token_revoked", "account_inactive"})
 
-# Slack's per-workspace rate tiers (calls per minute), from its method reference. The one
-# table every budget comes from; LEDGER_BOT_SLACK_RATE_LIMITS overrides entries and
-# LEDGER_BOT_SLACK_RATE_SHARE is the share one replica may use (replicas share the workspace).
+# Slack's per-workspace rate tiers (calls per minute), from its method reference: the one table
+# every budget comes from. LEDGER_BOT_SLACK_RATE_SHARE is the share one replica may use
+# (replicas share the workspace's tiers).
 TIER_2, TIER_3, TIER_4 = 20, 50, 100
 SLACK_RATE_TIERS: dict[str, int] = {
     "auth.test": TIER_4,
@@ -754,36 +977,15 @@ SLACK_RATE_TIERS: dict[str, int] = {
     "reactions.add": TIER_3,
 }
 PER_CHANNEL_METHODS = frozenset({"chat.postMessage"})
-# Block Kit limits the bot's payloads stay within (Slack refuses the whole payload otherwise).
-TEXT_OBJECT_LIMIT = 3_000  # characters in one text object (a section's text, a context element)
-VIEW_BLOCKS_LIMIT = 100  # blocks in a modal or the Home tab
-VIEW_BYTES_LIMIT = 250_000  # a view's JSON
 JSON_METHOD_PREFIXES = ("chat.", "assistant.", "views.", "reactions.")
 RATE_WINDOW_SECONDS = 61.0  # Slack counts per minute; a second of margin for clock and transit
 
 
-def parse_rate_overrides(items: tuple[str, ...]) -> dict[str, int]:
-    """``("chat.appendStream=60", …)`` -> ``{"chat.appendStream": 60}``; ValueError if malformed."""
-    out: dict[str, int] = {}
-    for item in items:
-        method, sep, number = item.partition("=")
-        if not (
-            sep
-            and re.fullmatch(r"[a-z]+(\.[A-Za-z]+)+", method.strip())
-            and number.strip().isdigit()
-            and int(number) > 0
-        ):
-            raise ValueError(item)
-        out[method.strip()] = int(number)
-    return out
-
-
-def rate_limits(config: Config) -> dict[str, int]:
+def rate_limits(share: float) -> dict[str, int]:
     """Calls per minute this replica may make, per method (at least one)."""
-    tiers = {**SLACK_RATE_TIERS, **parse_rate_overrides(config.ledger_bot_slack_rate_limits)}
-    share = config.ledger_bot_slack_rate_share
     return {
-        m: max(1, int(n * (1.0 if m in PER_CHANNEL_METHODS else share))) for m, n in tiers.items()
+        m: max(1, int(n * (1.0 if m in PER_CHANNEL_METHODS else share)))
+        for m, n in SLACK_RATE_TIERS.items()
     }
 
 
@@ -832,28 +1034,6 @@ class RateBudget:
             )
 
 
-def _seconds(value: Any, *, default: float) -> float:
-    """A Retry-After header as seconds (an HTTP date or junk counts as ``default``)."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return default
-    return seconds if 0 <= seconds < 3600 else default
-
-
-def slack_error_code(e: SlackApiError) -> str:
-    """Slack's error string from a failed call (``invalid_auth``, ``ratelimited``, …)."""
-    return str(e.response.get("error") or "slack_api_error")
-
-
-def _field(resp: dict, key: str, method: str) -> str:
-    """A field an ``ok`` answer must have; SlackError if Slack left it out."""
-    value = resp.get(key)
-    if not isinstance(value, str) or not value:
-        raise SlackError(method, f"missing_{key}")
-    return value
-
-
 class SlackError(Exception):
     """A Web API call failed. ``code`` is Slack's error string (``stopped_by_user``,
     ``ratelimited``, ``streaming_state_conflict``, …) or the transport error's class name;
@@ -879,6 +1059,28 @@ class _RateLimited(Exception):
 
     def __init__(self, retry_after: float):
         self.retry_after = retry_after
+
+
+def _seconds(value: Any, *, default: float) -> float:
+    """A Retry-After header as seconds (an HTTP date or junk counts as ``default``)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return default
+    return seconds if 0 <= seconds < 3600 else default
+
+
+def slack_error_code(e: SlackApiError) -> str:
+    """Slack's error string from a failed call (``invalid_auth``, ``ratelimited``, …)."""
+    return str(e.response.get("error") or "slack_api_error")
+
+
+def _field(resp: dict, key: str, method: str) -> str:
+    """A field an ``ok`` answer must have; SlackError if Slack left it out."""
+    value = resp.get(key)
+    if not isinstance(value, str) or not value:
+        raise SlackError(method, f"missing_{key}")
+    return value
 
 
 class PooledWebClient(WebClient):
@@ -950,12 +1152,12 @@ class PooledWebClient(WebClient):
         return conn
 
 
-def make_web_client(config: Config) -> WebClient:
+def make_web_client(token: str, base_url: str) -> WebClient:
     """A WebClient that keeps connections open and retries connection errors and 5xx; 429s
     are SlackApi's to handle."""
     return PooledWebClient(
-        token=config.slack_bot_token,
-        base_url=config.slack_api_url,
+        token=token,
+        base_url=base_url,
         timeout=15,
         retry_handlers=[
             ConnectionErrorRetryHandler(max_retry_count=2),
@@ -979,52 +1181,10 @@ class BotIdentity:
     team_id: str
 
 
-def message_metadata(metadata_type: str, ref: str) -> dict:
-    """What the bot stamps on its messages: answer or notice, and the reference id."""
-    return {"event_type": metadata_type, "event_payload": {"ref": ref}}
-
-
-def markdown_blocks(markdown: str, extra_blocks: list[dict] | None = None) -> list[dict]:
-    return [{"type": "markdown", "text": markdown}, *(extra_blocks or [])]
-
-
-# Where Slack serves files and answers response_urls; a download follows a redirect only to
-# these (HTTPS, the domain or a subdomain), at most MAX_REDIRECTS times, so the token and the
-# bytes stay Slack's. The whole download of one question's files ends by DOWNLOAD_SECONDS.
-SLACK_DOMAINS = ("slack.com", "slack-edge.com", "slack-files.com")
-MAX_REDIRECTS = 3
-DOWNLOAD_SECONDS = 15.0
-DOWNLOAD_CHUNK = 64 * 1024
-
-
-def _read_by(resp: Any, conn: Any, max_bytes: int, finish_by: float) -> bytes:
-    """The body of ``resp``, at most ``max_bytes``, read a chunk at a time so a server that
-    trickles bytes cannot hold the reader past ``finish_by``. Raises SlackError."""
-    data = bytearray()
-    while True:
-        left = finish_by - time.monotonic()
-        if left <= 0:
-            raise SlackError("files", "too_slow")
-        if conn.sock is not None:
-            conn.sock.settimeout(left)
-        chunk = resp.read1(DOWNLOAD_CHUNK)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-        if len(data) > max_bytes:
-            raise SlackError("files", "too_large")
-
-
-LOADING_MESSAGES = (  # each within Slack's 50 characters; promising only what the bot does
-    "Reading the thread…",
-    "Checking the GL Publisher docs…",
-    "Looking through the Oracle GL notes…",
-    "Balancing the debits and credits…",
-)
-
-
 class SlackApi:
-    """Every Slack Web API call the bot makes, each a small method over one ``call``.
+    """The Slack Web API: one ``call`` that every Web API call of the bot goes through, and the
+    calls about threads and messages as small methods over it (SlackSurfaces has the AI pane's
+    and the views'; StreamDelivery the streams').
 
     ``call`` spends the method's rate budget first, then maps every failure to one of three
     exceptions: SlackAuthFailed (the token was refused: ``on_auth_failed`` is told, once per
@@ -1092,7 +1252,7 @@ class SlackApi:
         except (SlackClientError, OSError, ValueError) as e:  # refused, reset, timed out, bad JSON
             raise SlackError(method, type(e).__name__) from None
 
-    # -- reading ------------------------------------------------------------------------------
+    # -- threads ------------------------------------------------------------------------------
 
     def auth_test(self) -> BotIdentity:
         """``auth.test``: who the bot is."""
@@ -1201,54 +1361,43 @@ class SlackApi:
             thread_ts=thread_ts,
         )
 
-    # -- streaming ----------------------------------------------------------------------------
+    def add_reaction(self, *, channel: str, ts: str, name: str = "eyes") -> None:
+        """``reactions.add`` on a person's message (never waits: it stands in for feedback
+        that could not go out at once)."""
+        self.call("reactions.add", wait=0, channel=channel, timestamp=ts, name=name)
 
-    def start_stream(
-        self, *, channel: str, thread_ts: str, markdown: str, user: str, team: str, wait: float = 0
-    ) -> str:
-        """``chat.startStream`` with the first text; returns the streaming message's ts."""
-        resp = self.call(
-            "chat.startStream",
-            wait=wait,
-            channel=channel,
-            thread_ts=thread_ts,
-            markdown_text=markdown,
-            recipient_user_id=user,
-            recipient_team_id=team or None,
-        )
-        return _field(resp, "ts", "chat.startStream")
 
-    def append_stream(self, *, channel: str, ts: str, markdown: str, wait: float = 0) -> None:
-        """``chat.appendStream``; ``stopped_by_user`` once the person pressed Stop."""
-        self.call("chat.appendStream", wait=wait, channel=channel, ts=ts, markdown_text=markdown)
+class SlackSurfaces:
+    """The AI pane's thread status, prompts and titles, the modal and the Home tab: Slack calls
+    that show something beside the conversation, over SlackApi's ``call``."""
 
-    def stop_stream(
-        self,
-        *,
-        channel: str,
-        ts: str,
-        markdown: str = "",
-        metadata_type: str,
-        ref: str,
-        extra_blocks: list[dict] | None = None,
-        wait: float = 60,
-    ) -> None:
-        """``chat.stopStream``: the last text, then the message is final (buttons, metadata)."""
-        self.call(
-            "chat.stopStream",
-            wait=wait,
-            channel=channel,
-            ts=ts,
-            markdown_text=markdown or None,
-            blocks=extra_blocks or None,
-            metadata=message_metadata(metadata_type, ref),
-        )
+    def __init__(self, api: SlackApi):
+        self.api = api
 
-    # -- the assistant pane, the Home tab, modals, files ---------------------------------------
+    def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
+        """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
+        Slack refuses it. Raises SlackBusy (never waits) when its budget is spent. Slack clears
+        it at the next post in the thread, or after two minutes without one (the Flusher renews
+        it while the model is silent)."""
+        try:
+            self.api.call(
+                "assistant.threads.setStatus",
+                wait=0,
+                channel_id=channel,
+                thread_ts=thread_ts,
+                status=status,
+                loading_messages=list(LOADING_MESSAGES),
+            )
+            return True
+        except SlackBusy:
+            raise
+        except SlackError as e:
+            log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
+            return False
 
     def set_suggested_prompts(self, *, channel: str, thread_ts: str, prompts: list[str]) -> None:
         """``assistant.threads.setSuggestedPrompts``: what a new AI-pane thread offers."""
-        self.call(
+        self.api.call(
             "assistant.threads.setSuggestedPrompts",
             wait=5,
             channel_id=channel,
@@ -1259,7 +1408,7 @@ class SlackApi:
 
     def set_title(self, *, channel: str, thread_ts: str, title: str) -> None:
         """``assistant.threads.setTitle``: the AI-pane thread's name in the history list."""
-        self.call(
+        self.api.call(
             "assistant.threads.setTitle",
             wait=5,
             channel_id=channel,
@@ -1267,18 +1416,30 @@ class SlackApi:
             title=title,
         )
 
-    def add_reaction(self, *, channel: str, ts: str, name: str = "eyes") -> None:
-        """``reactions.add`` on a person's message (never waits: it stands in for feedback
-        that could not go out at once)."""
-        self.call("reactions.add", wait=0, channel=channel, timestamp=ts, name=name)
-
     def open_view(self, *, trigger_id: str, view: dict) -> None:
         """``views.open``: a modal (the trigger expires after 3 s, so this never waits)."""
-        self.call("views.open", wait=0, trigger_id=trigger_id, view=view)
+        self.api.call("views.open", wait=0, trigger_id=trigger_id, view=view)
 
     def publish_home(self, *, user: str, view: dict) -> None:
         """``views.publish``: the person's Home tab."""
-        self.call("views.publish", wait=10, user_id=user, view=view)
+        self.api.call("views.publish", wait=10, user_id=user, view=view)
+
+
+# Where Slack serves files and answers response_urls; a download follows a redirect only to
+# these (HTTPS, the domain or a subdomain), at most MAX_REDIRECTS times, so the token and the
+# bytes stay Slack's. The whole download of one question's files ends by DOWNLOAD_SECONDS.
+SLACK_DOMAINS = ("slack.com", "slack-edge.com", "slack-files.com")
+MAX_REDIRECTS = 3
+DOWNLOAD_SECONDS = 15.0
+DOWNLOAD_CHUNK = 64 * 1024
+
+
+class SlackFiles:
+    """Slack over plain HTTPS, not the Web API: files people attach (with the bot token), and
+    a shortcut's ``response_url``; only ever to Slack's own hosts."""
+
+    def __init__(self, web: WebClient):
+        self.web = web
 
     def is_slack_url(self, url: str) -> bool:
         """Is ``url`` one of Slack's own (HTTPS on SLACK_DOMAINS, or the configured API host),
@@ -1349,26 +1510,23 @@ class SlackApi:
         except (OSError, ValueError) as e:
             raise SlackError("response_url", type(e).__name__) from None
 
-    def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
-        """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
-        Slack refuses it. Raises SlackBusy (never waits) when its budget is spent. Slack clears
-        it at the next post in the thread, or after two minutes without one (the Flusher renews
-        it while the model is silent)."""
-        try:
-            self.call(
-                "assistant.threads.setStatus",
-                wait=0,
-                channel_id=channel,
-                thread_ts=thread_ts,
-                status=status,
-                loading_messages=list(LOADING_MESSAGES),
-            )
-            return True
-        except SlackBusy:
-            raise
-        except SlackError as e:
-            log_event(logging.DEBUG, "status_refused", channel=channel, error=e.code)
-            return False
+
+def _read_by(resp: Any, conn: Any, max_bytes: int, finish_by: float) -> bytes:
+    """The body of ``resp``, at most ``max_bytes``, read a chunk at a time so a server that
+    trickles bytes cannot hold the reader past ``finish_by``. Raises SlackError."""
+    data = bytearray()
+    while True:
+        left = finish_by - time.monotonic()
+        if left <= 0:
+            raise SlackError("files", "too_slow")
+        if conn.sock is not None:
+            conn.sock.settimeout(left)
+        chunk = resp.read1(DOWNLOAD_CHUNK)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > max_bytes:
+            raise SlackError("files", "too_large")
 
 
 def quietly(call: Callable[..., Any], **kwargs: Any) -> None:
@@ -1379,8 +1537,73 @@ def quietly(call: Callable[..., Any], **kwargs: Any) -> None:
         log_event(logging.WARNING, "slack_call_failed", method=e.method, error=e.code)
 
 
+# The notices threads' lanes: each is one thread with its own queue, so a call of one kind never
+# waits behind another kind's rate-budget wait. ``Notifier.submit`` names the lane.
+NOTICE_LANES = {
+    # views.open: Slack voids a trigger_id 3 s after the click, so nothing may queue ahead of it.
+    "trigger": 16,
+    # refusals (which may wait for chat.postMessage's 1/s per channel), feedback thanks, the AI
+    # pane's prompts and titles: things a person is looking at right now.
+    "notices": 256,
+    # Home tab publishes: one per person at most queued (a newer view replaces nothing a person
+    # could miss), so a flood of app_home_opened delays nobody else.
+    "home": 256,
+}
+
+
+class Notifier:
+    """The Slack calls the dispatcher needs, made off slack_sdk's listener pool, which must never
+    wait on Slack (retries, rate budgets) on exactly the overload path. One thread per lane of
+    NOTICE_LANES. ``submit`` with a ``key`` drops a task whose key is already queued in that
+    lane. ``close`` lets each lane finish what is queued (up to a deadline) and stops them."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, queue.Queue[tuple[str, Callable[[], None]] | None]] = {
+            lane: queue.Queue(maxsize=size) for lane, size in NOTICE_LANES.items()
+        }
+        self._queued_keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"notices-{lane}", daemon=True)
+            for lane, q in self._queues.items()
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, task: Callable[[], None], *, lane: str = "notices", key: str = "") -> bool:
+        with self._lock:
+            if key and key in self._queued_keys:
+                return False
+            try:
+                self._queues[lane].put_nowait((key, task))
+            except queue.Full:
+                log_event(logging.WARNING, "notice_dropped", lane=lane, reason="queue full")
+                return False
+            if key:
+                self._queued_keys.add(key)
+        return True
+
+    def _run(self, lane: queue.Queue[tuple[str, Callable[[], None]] | None]) -> None:
+        while (item := lane.get()) is not None:
+            key, task = item
+            with self._lock:
+                self._queued_keys.discard(key)
+            try:
+                task()
+            except Exception:
+                log.exception("notice_failed")
+
+    def close(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for lane in self._queues.values():
+            with contextlib.suppress(queue.Full):
+                lane.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 6. Conversation (pure: no I/O in this section)
+# 7. Conversation (pure: no I/O in this section)
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -1494,6 +1717,10 @@ def strip_mention(text: str, bot_user_id: str) -> str:
         " ",
         _MENTION.sub(lambda m: "" if m.group(1) == bot_user_id else m.group(0), text),
     ).strip()
+
+
+class QuestionTooLong(Exception):
+    """The question alone (with the system prompt and knowledge) does not fit the context."""
 
 
 SYSTEM_PROMPT = """\
@@ -1793,25 +2020,13 @@ class AnswerText:
         return neutralise_broadcasts(body[:start].rstrip()), cited
 
 
-# -- the AI pane, the thread shortcut, the Home tab, screenshots (pure) -------------------
+# -- the AI pane, the shortcut's modal, screenshots -----------------------------------------
 
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 120:
-        return f"{seconds} seconds"
-    return f"{round(seconds / 60)} minutes"
-
-
-def _mrkdwn_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-SHORTCUT_CALLBACK = "ask_ledger_bot"  # the message shortcut (slack-app-manifest.yaml)
-SHORTCUT_NAME = "Ask about this thread"  # its name in the manifest, as the Home tab quotes it
-MODAL_CALLBACK = "ask_ledger_bot_modal"
-MODAL_INPUT = ("question_block", "question")  # block_id, action_id of the modal's one field
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+# Screenshots per question, and bytes per screenshot, that reach the model: Claude reads a few
+# images per turn, each scaled to ~1.15 megapixels, so more or larger only costs memory.
+IMAGE_MAX_COUNT = 4
+IMAGE_MAX_BYTES = 5_000_000
 
 
 def names_pane_thread(q: Question, thread: list[dict], me: BotIdentity) -> bool:
@@ -1836,36 +2051,7 @@ def thread_title(text: str, me: BotIdentity) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
-MODAL_MAX_CHARS = 3_000  # the question field's max_length (Slack's cap for plain_text_input)
 MODAL_TTL_SECONDS = 24 * 3600  # how long an opened modal may wait before it is submitted
-
-
-def ask_modal(where: str) -> dict:
-    """The shortcut's modal: one field, prefilled; ``where`` (``modal_where``)
-    travels in ``private_metadata``."""
-    block_id, action_id = MODAL_INPUT
-    return {
-        "type": "modal",
-        "callback_id": MODAL_CALLBACK,
-        "title": {"type": "plain_text", "text": "Ask ledger-bot"},
-        "submit": {"type": "plain_text", "text": "Ask"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "private_metadata": where,
-        "blocks": [
-            {
-                "type": "input",
-                "block_id": block_id,
-                "label": {"type": "plain_text", "text": "Your question about this thread"},
-                "element": {
-                    "type": "plain_text_input",
-                    "action_id": action_id,
-                    "multiline": True,
-                    "initial_value": "Summarize this thread",
-                    "max_length": MODAL_MAX_CHARS,
-                },
-            }
-        ],
-    }
 
 
 def modal_where(
@@ -1882,6 +2068,12 @@ def modal_where(
 def _modal_signature(key: bytes, fields: dict) -> str:
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def modal_key(bot_token: str) -> bytes:
+    """The key that signs the shortcut modal's private_metadata: derived from the bot token,
+    which every replica has, so any replica can check what another wrote."""
+    return hmac.new(bot_token.encode(), b"ledger-bot modal", hashlib.sha256).digest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2023,79 +2215,8 @@ def skipped_files_note(skipped: list[str], unreadable: list[str]) -> str:
     return ("\n\n_" + " ".join(notes) + "_") if notes else ""
 
 
-def home_view(sections: list[Section], config: Config) -> dict:
-    """The Home tab: what the bot is for, how to ask, which documents it knows, how to report a
-    bad answer, and the limits each person has (limits, not usage: one replica cannot know a
-    person's usage across replicas). Within Slack's view limits however many documents there
-    are: VIEW_BLOCKS_LIMIT blocks, VIEW_BYTES_LIMIT of JSON, TEXT_OBJECT_LIMIT per text; the
-    documents that do not fit are counted in a last line."""
-
-    def text(markdown: str) -> dict:
-        return {"type": "section", "text": {"type": "mrkdwn", "text": _cut(markdown)}}
-
-    documents: dict[str, list[str]] = {}
-    for section in sections:
-        documents.setdefault(section.source, []).append(
-            section.heading.split(" > ")[-1] if section.heading else ""
-        )
-    c = config
-    limits = [
-        f"• {c.ledger_bot_user_rate_limit} questions per "
-        f"{_duration(c.ledger_bot_user_rate_window_seconds)}"
-        if c.ledger_bot_user_rate_limit
-        else "• no per-person question limit",
-        f"• a daily LLM budget of ${c.ledger_bot_user_daily_budget_usd:.2f} per person"
-        if c.ledger_bot_user_daily_budget_usd
-        else "• no per-person daily budget",
-    ]
-    blocks: list[dict] = [
-        {"type": "header", "text": {"type": "plain_text", "text": "ledger-bot"}},
-        text(
-            "I answer questions about *GL Publisher* and the *Oracle General Ledger* for the "
-            "BOR Write team, from the team's documents, and cite the documents I used."
-        ),
-        text(
-            "*How to ask*\n"
-            "• @mention me in a channel: I answer in the thread, reading the thread first.\n"
-            "• Send me a direct message, or open me in the AI pane.\n"
-            f"• On any message: *More actions → {SHORTCUT_NAME}*.\n"
-            "• Paste a screenshot of an error with your question: I can read images."
-        ),
-        text("*Try asking*\n" + "\n".join(f"• {p}" for p in config.suggested_prompts)),
-        text(
-            "*A wrong or unhelpful answer?* Press 👎 under it (it is logged with the answer's "
-            "ref), and tell the BOR Write team in #bor-write-eng with the `lb-…` ref."
-        ),
-        text("*Your limits*\n" + "\n".join(limits)),
-        {"type": "divider"},
-        text(f"*Documents I know* ({len(documents)} files, {len(sections)} sections)"),
-    ]
-    size = len(json.dumps(blocks))
-    room = 200  # for the "…and N more files" line
-    for listed_files, (source, headings) in enumerate(documents.items()):
-        listed = ", ".join(h for h in headings if h) or "(no headings)"
-        block = text(f"*{_mrkdwn_escape(source)}*: {_mrkdwn_escape(listed)}")
-        block_size = len(json.dumps(block)) + 2
-        if len(blocks) + 2 > VIEW_BLOCKS_LIMIT or size + block_size + room > VIEW_BYTES_LIMIT:
-            blocks.append(text(f"…and {len(documents) - listed_files} more files."))
-            break
-        blocks.append(block)
-        size += block_size
-    return {"type": "home", "blocks": blocks}
-
-
-def _cut(text: str, limit: int = TEXT_OBJECT_LIMIT) -> str:
-    """``text`` within ``limit`` characters, ending in "…" if cut, never inside an escape."""
-    if len(text) <= limit:
-        return text
-    head = text[: limit - 1]
-    if head.rfind("&") > head.rfind(";"):
-        head = head[: head.rfind("&")]
-    return head + "…"
-
-
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 7. Knowledge
+# 8. Knowledge
 # ════════════════════════════════════════════════════════════════════════════════════════
 # The team's documents (LEDGER_BOT_KNOWLEDGE). When they fit their share of the context they
 # go whole into the system prompt, marked for prompt caching; otherwise each question gets the
@@ -2103,6 +2224,12 @@ def _cut(text: str, limit: int = TEXT_OBJECT_LIMIT) -> str:
 # KnowledgeStore reloads the files when they change, swapping the index whole.
 
 KNOWLEDGE_SUFFIXES = (".md", ".txt")
+# How often a question may look at the files for a change: cheap (a stat per file), and a
+# document change is live within seconds without anyone waiting for it.
+KNOWLEDGE_RELOAD_SECONDS = 10.0
+# The share of the model's context the knowledge may fill; the rest is the thread, the question
+# and the answer.
+KNOWLEDGE_SHARE = 0.5
 
 
 def knowledge_files(path: Path) -> list[Path]:
@@ -2306,9 +2433,9 @@ class KnowledgeStore:
     every ``check_every`` s, by whoever asks for ``current()``). A reload that fails keeps the
     old knowledge and logs one ``knowledge_reload_failed`` line per broken version."""
 
-    def __init__(self, path: Path, *, check_every: float = 5.0):
+    def __init__(self, path: Path):
         self.path = path
-        self.check_every = check_every
+        self.check_every = KNOWLEDGE_RELOAD_SECONDS
         self._lock = threading.Lock()
         self._fingerprint = self._scan()
         self._base = KnowledgeBase(load_knowledge(path))
@@ -2360,7 +2487,7 @@ class KnowledgeStore:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 8. LLM
+# 9. LLM
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 _litellm_module: Any = None
@@ -2415,38 +2542,54 @@ class Usage:
     estimated: bool = False
 
 
-def model_id(config: Config) -> str:
-    return f"litellm_proxy/{config.ledger_bot_model}"
+# The longest answer the model may write: a Slack thread reply, not an essay.
+ANSWER_MAX_TOKENS = 4_096
+# The model behind a gateway alias that litellm's own model map does not know (the company
+# gateway's aliases are its own names), by litellm's name for it: Claude Sonnet 4.5. Its context
+# window and prices come from litellm's map (pinned with litellm), not from settings.
+FALLBACK_MODEL = "claude-sonnet-4-5"
+MODEL_FACTS = (
+    "max_input_tokens",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+)
+
+
+def model_id(model: str) -> str:
+    return f"litellm_proxy/{model}"
+
+
+@functools.cache
+def model_facts(model: str) -> dict[str, float]:
+    """The context window and prices (dollars per token, in litellm's field names) of the
+    gateway alias ``model``: litellm's own entry for it if litellm knows the name, else
+    FALLBACK_MODEL's. What ``register_alias`` tells litellm and ``cost_usd`` charges."""
+    known = _litellm().model_cost
+    entry = known.get(model) or known[FALLBACK_MODEL]
+    return {name: float(entry[name]) for name in MODEL_FACTS}
+
+
+def context_tokens(model: str) -> int:
+    """How many tokens the model reads: the whole prompt must fit."""
+    return int(model_facts(model)["max_input_tokens"])
 
 
 _registered: set[str] = set()
 
 
-def prices(config: Config) -> dict[str, float]:
-    """The alias's prices in dollars per token, in litellm's field names: what ``register_alias``
-    tells litellm and what ``cost_usd`` charges. Anthropic bills cache reads at 0.1x and cache
-    writes at 1.25x the input price."""
-    per_in = config.ledger_bot_input_cost_per_mtok / 1e6
-    return {
-        "input_cost_per_token": per_in,
-        "output_cost_per_token": config.ledger_bot_output_cost_per_mtok / 1e6,
-        "cache_read_input_token_cost": per_in * 0.1,
-        "cache_creation_input_token_cost": per_in * 1.25,
-    }
-
-
-def register_alias(config: Config) -> None:
+def register_alias(model: str) -> None:
     """Tell litellm the gateway alias's real limits and prices, so ``token_counter`` knows it
     (an unknown alias also makes litellm do extra work on every call)."""
-    name = model_id(config)
+    name = model_id(model)
     if name in _registered:
         return
     _litellm().register_model(
         {
             name: {
-                "max_input_tokens": config.ledger_bot_context_tokens,
-                "max_output_tokens": config.ledger_bot_max_output_tokens,
-                **prices(config),
+                **model_facts(model),
+                "max_output_tokens": ANSWER_MAX_TOKENS,
                 "litellm_provider": "litellm_proxy",
                 "mode": "chat",
             }
@@ -2455,12 +2598,12 @@ def register_alias(config: Config) -> None:
     _registered.add(name)
 
 
-def cost_usd(config: Config, usage: Usage) -> float:
-    """Dollars for ``usage`` at ``prices``: the one cost computation. ``prompt_tokens`` includes
-    the cached and cache-written ones, as the gateway reports them; the same sum as litellm's
-    ``cost_per_token`` for the registered alias (a test holds them equal), without its ~0.3 ms
-    of model lookups per answer."""
-    p = prices(config)
+def cost_usd(model: str, usage: Usage) -> float:
+    """Dollars for ``usage`` at the model's prices: the one cost computation. ``prompt_tokens``
+    includes the cached and cache-written ones, as the gateway reports them; the same sum as
+    litellm's ``cost_per_token`` for the registered alias (a test holds them equal), without its
+    ~0.3 ms of model lookups per answer."""
+    p = model_facts(model)
     fresh = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_creation_tokens, 0)
     return (
         fresh * p["input_cost_per_token"]
@@ -2470,15 +2613,15 @@ def cost_usd(config: Config, usage: Usage) -> float:
     )
 
 
-def token_counter(config: Config) -> Callable[[str], int]:
+def token_counter(model: str) -> Callable[[str], int]:
     """Count tokens of a text the way litellm does for the registered alias. Texts of 1,000
     characters and over are remembered, the last 16 of them: the system prompt and a whole
     knowledge base are the same for every question, and tokenizing them again was ~4 % of an
     answer's CPU (bench profile). Shorter texts (most messages) are cheap to count, and the
     bound keeps one-off long texts (a partial knowledge selection can be ~400 KB) from piling
     up."""
-    register_alias(config)
-    name = model_id(config)
+    register_alias(model)
+    name = model_id(model)
 
     def count(text: str) -> int:
         if len(text) >= REMEMBER_COUNT_CHARS:
@@ -2496,26 +2639,24 @@ def _count_remembered(model: str, text: str) -> int:
     return int(_litellm().token_counter(model=model, text=text))
 
 
-def make_llm_client(config: Config) -> Any:
+def make_llm_client(gateway: GatewaySettings) -> Any:
     """One OpenAI-compatible client for the gateway, shared by every answer: its connection pool
     keeps connections (TLS in production) open between questions. It never retries by itself
     (``stream_completion`` decides), so the gateway's own retries are the only ones stacked."""
     import openai
 
     return openai.OpenAI(
-        base_url=config.litellm_base_url,
-        api_key=config.litellm_developer_key,
+        base_url=gateway.litellm_base_url,
+        api_key=gateway.litellm_developer_key,
         max_retries=0,
-        default_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
+        default_headers={"X-LiteLLM-Dev-Key": gateway.litellm_developer_key},
     )
 
 
-def gateway_user(config: Config, team: str, user: str) -> str:
+def gateway_user(key: str, team: str, user: str) -> str:
     """The OpenAI ``user`` field: stable across replicas and restarts, not reversible to a Slack
     id (an HMAC keyed with the gateway key), so gateway spend tracking works per person."""
-    digest = hmac.new(
-        config.litellm_developer_key.encode(), f"{team}:{user}".encode(), hashlib.sha256
-    )
+    digest = hmac.new(key.encode(), f"{team}:{user}".encode(), hashlib.sha256)
     return "lb-" + digest.hexdigest()[:32]
 
 
@@ -2589,21 +2730,25 @@ def classify_llm_error(exc: BaseException) -> LLMFailure:
     return LLMFailure(kind, f"{type(exc).__name__} status={status}")
 
 
-def _retry_delay(
-    exc: BaseException, failure: LLMFailure, attempt: int, config: Config
-) -> float | None:
+# Retries of what the gateway could not have retried itself (``_retry_delay``), and the longest
+# Retry-After worth waiting for before the first token (longer: "rate limited" at once).
+LLM_RETRIES = 1
+RETRY_AFTER_MAX_SECONDS = 5.0
+
+
+def _retry_delay(exc: BaseException, failure: LLMFailure, attempt: int) -> float | None:
     """Seconds to wait before trying again, or None to give up. Only what the gateway could
     not have retried itself: a connection that failed before an answer began (refused, or a
     pooled connection the gateway closed as the request went out; never a read timeout: the
     upstream may be generating already), and a 429 whose Retry-After is short."""
-    if attempt >= config.ledger_bot_llm_max_retries:
+    if attempt >= LLM_RETRIES:
         return None
     if _connection_failed(exc):
         return 0.5 * 2**attempt
     if failure.kind == "rate_limited":
         headers = getattr(getattr(exc, "response", None), "headers", None) or {}
         wait = _seconds(headers.get("retry-after"), default=-1.0)
-        return wait if 0 <= wait <= config.ledger_bot_llm_retry_after_max_seconds else None
+        return wait if 0 <= wait <= RETRY_AFTER_MAX_SECONDS else None
     return None
 
 
@@ -2626,7 +2771,7 @@ def _connection_failed(exc: BaseException) -> bool:
 
 
 def stream_completion(
-    config: Config,
+    gateway: GatewaySettings,
     messages: list[dict],
     usage: Usage,
     *,
@@ -2648,29 +2793,29 @@ def stream_completion(
     (table rows, repeated code).
     """
     lm = _litellm()
-    register_alias(config)
+    register_alias(gateway.ledger_bot_model)
     start = time.monotonic()
-    first_token_by = start + config.ledger_bot_llm_timeout_seconds
-    answer_by = start + config.ledger_bot_answer_max_seconds
-    extra_body = {"metadata": {"tags": ["ledger-bot", f"env:{config.ledger_bot_environment}"]}}
+    first_token_by = start + gateway.ledger_bot_llm_timeout_seconds
+    answer_by = start + gateway.ledger_bot_answer_max_seconds
+    extra_body = {"metadata": {"tags": ["ledger-bot", f"env:{gateway.ledger_bot_environment}"]}}
     attempt = 0
     while True:
         left = first_token_by - time.monotonic()
         if left <= 0:
             raise LLMFailure(
-                "timeout", f"no answer within {config.ledger_bot_llm_timeout_seconds}s"
+                "timeout", f"no answer within {gateway.ledger_bot_llm_timeout_seconds}s"
             )
         try:
             response = lm.completion(
-                model=model_id(config),
+                model=model_id(gateway.ledger_bot_model),
                 messages=messages,
-                api_base=config.litellm_base_url,
-                api_key=config.litellm_developer_key,
+                api_base=gateway.litellm_base_url,
+                api_key=gateway.litellm_developer_key,
                 client=client,
-                extra_headers={"X-LiteLLM-Dev-Key": config.litellm_developer_key},
+                extra_headers={"X-LiteLLM-Dev-Key": gateway.litellm_developer_key},
                 timeout=left,
                 max_retries=0,
-                max_tokens=config.ledger_bot_max_output_tokens,
+                max_tokens=ANSWER_MAX_TOKENS,
                 stream=True,
                 stream_options={"include_usage": True},
                 user=user,
@@ -2679,7 +2824,7 @@ def stream_completion(
             break
         except Exception as exc:
             failure = classify_llm_error(exc)
-            delay = _retry_delay(exc, failure, attempt, config)
+            delay = _retry_delay(exc, failure, attempt)
             if delay is None or time.monotonic() + delay >= first_token_by:
                 raise failure from exc
             attempt += 1
@@ -2693,7 +2838,7 @@ def stream_completion(
             time.sleep(delay)
     raw = getattr(response, "completion_stream", None) or response
     try:
-        for chunk in _sse_chunks(raw, answer_by, config.ledger_bot_answer_max_seconds):
+        for chunk in _sse_chunks(raw, answer_by, gateway.ledger_bot_answer_max_seconds):
             choices = chunk.get("choices") or []
             if choices:
                 text = (choices[0].get("delta") or {}).get("content")
@@ -2769,7 +2914,7 @@ def _read_usage(reported: dict, usage: Usage) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 9. Reply delivery
+# 10. Reply delivery
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 # Slack documents 12,000 characters for a markdown block and for markdown_text, but rejects a
@@ -2781,67 +2926,25 @@ MARKDOWN_LIMIT = 11_000
 _SOFT_ZONE = 2_000
 MESSAGE_UPDATE_INTERVAL = 1.0  # a message that grows by chat.update changes at most once a second
 STATUS_RENEW_SECONDS = 100.0  # Slack clears a thread status after 120 s without a post
+# Buffered answer text goes out every STREAM_FLUSH_CHARS characters or STREAM_FLUSH_SECONDS
+# after the last flush, whichever comes first (the first text at once): steady steps for the
+# reader, and appends that stay inside Tier 4 with many answers streaming at once.
+STREAM_FLUSH_CHARS = 400
+STREAM_FLUSH_SECONDS = 0.5
+FINAL_WAIT_SECONDS = 60.0  # how long the end of a reply may wait for rate budget
+INTERRUPT_WAIT_SECONDS = 5.0  # ... at shutdown, whose grace period is short
 PLACEHOLDER_TEXT = "_Thinking…_"
 EMPTY_ANSWER = "(The model returned an empty answer. Please try rephrasing the question.)"
-FEEDBACK_ACTION = "feedback"
 STOPPED_CODES = frozenset({"stopped_by_user"})
 STREAM_GONE_CODES = frozenset({"message_not_in_streaming_state", "stopped_by_user"})
 
 
-def feedback_blocks(ref: str, serial: int) -> list[dict]:
-    """Slack's native 👍/👎 (``feedback_buttons`` in a ``context_actions`` block). The value
-    says the vote and the answer's ref; ``block_id`` is unique per message and per update."""
-    button = {"type": "plain_text", "text": "👍"}
-    return [
-        {
-            "type": "context_actions",
-            "block_id": f"lb_feedback_{ref}_{serial}",
-            "elements": [
-                {
-                    "type": "feedback_buttons",
-                    "action_id": FEEDBACK_ACTION,
-                    "positive_button": {
-                        "text": button,
-                        "value": f"up:{ref}",
-                        "accessibility_label": "Helpful",
-                    },
-                    "negative_button": {
-                        "text": {**button, "text": "👎"},
-                        "value": f"down:{ref}",
-                        "accessibility_label": "Not helpful",
-                    },
-                }
-            ],
-        }
-    ]
-
-
-def sources_block(sections: list[Section], ref: str, serial: int) -> dict:
-    """A small context line naming the documents an answer cited, in citation order (the most
-    relevant first); a link where the document declared ``source_url``. Within Slack's limit
-    of TEXT_OBJECT_LIMIT characters per text: labels that do not fit are counted, "+N more"."""
-    names = [
-        f"<{s.url}|{_mrkdwn_escape(s.label)}>" if s.url else _mrkdwn_escape(s.label)
-        for s in sections
-    ]
-    text, shown = "Sources: ", 0
-    for name in names:
-        more = f" · +{len(names) - shown - 1} more" if shown + 1 < len(names) else ""
-        if len(text) + len(name) + len(" · ") + len(more) > TEXT_OBJECT_LIMIT:
-            break
-        text += (" · " if shown else "") + name
-        shown += 1
-    if shown < len(names):
-        text += f"{' · ' if shown else ''}+{len(names) - shown} more"
-    return {
-        "type": "context",
-        "block_id": f"lb_sources_{ref}_{serial}",
-        "elements": [{"type": "mrkdwn", "text": text}],
-    }
-
-
 class StoppedByUser(Exception):
     """The person pressed Stop on the streamed answer."""
+
+
+class Interrupted(Exception):
+    """The bot is shutting down and this question could not be finished."""
 
 
 @dataclasses.dataclass
@@ -2853,355 +2956,176 @@ class _Visible:
     streaming: bool = False
 
 
-class Reply:
-    """One reply in one thread: visible feedback first, then the answer, whole and in order.
+@dataclasses.dataclass
+class Outbox:
+    """The text a delivery is writing right now. The delivery removes from ``text`` what Slack
+    accepted, as it goes, so after a failure ``text`` is exactly what is not shown."""
 
-    Small public methods over one worker, ``_deliver``:
-      - ``show_feedback``: the assistant "is thinking…" status, or (when Slack refuses it) a
-        placeholder message that the answer then fills in.
-      - ``add``: model text arrives (the worker); it goes out when ``flush_chars`` are buffered
-        or ``flush_seconds`` have passed (the first text at once).
-      - ``flush_if_due``: the Flusher thread, while the model is quiet.
-      - ``finish`` / ``fail`` / ``interrupt``: the end, with buttons and sources, or a notice.
+    text: str = ""
 
-    Concurrency contract. ``_lock`` guards ``pending``, ``closed`` and ``stopped`` and is never
-    held during a Slack call. ``_turn`` is held by the one thread writing this reply to Slack;
-    only its holder touches ``visible`` (the message being written). The Flusher only tries
-    ``_turn`` and spends rate budget only if it is free now, so when Slack is busy, flushes
-    coalesce into fewer, larger appends instead of waiting. A reply's final delivery may wait
-    for budget: it holds ``_turn`` then, which only the Flusher ever contends for.
 
-    Slack I/O. Text streams through chat.startStream / appendStream / stopStream and rolls over
-    to a new message before Slack's size limit (``next_piece``). If a stream cannot start
-    (budget spent, refused) the reply uses chat.postMessage / chat.update instead; if a stream
-    fails mid-way it is first ended with chat.stopStream (Slack refuses chat.update on a
-    message still streaming), then continued from exactly the text it shows: nothing lost,
-    nothing doubled, nothing left streaming. ``stopped_by_user`` means the person pressed Stop:
-    nothing more is posted and ``add`` raises StoppedByUser. Other Slack errors that even the
-    fallback cannot absorb escape as SlackError.
-    """
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How a reply ends: the state it ends in, the metadata of its last message, and what goes
+    under it (the sources it cited, the feedback buttons)."""
 
-    def __init__(
-        self,
-        api: SlackApi,
-        question: Question,
-        ref: str,
-        *,
-        streaming: bool,
-        flush_chars: int,
-        flush_seconds: float,
-        feedback: bool,
-        received: float,
-        metrics: Metrics,
-    ):
-        self.api = api
-        self.q = question
-        self.ref = ref
-        self.use_stream = streaming
-        self.flush_chars = flush_chars
-        self.flush_seconds = flush_seconds
-        self.feedback = feedback
-        self.received = received
-        self.metrics = metrics
-        self.pending = ""
-        self.closed = False  # no more text will be added
-        self.finished = False  # the final delivery went through
-        self.stopped = False  # the person pressed Stop
-        self.final_wait = 60.0  # seconds a final delivery may wait for rate budget
+    state: str  # finished | failed | interrupted
+    metadata_type: str
+    feedback: bool = False
+    sources: tuple[Section, ...] = ()
+
+    def blocks(self, ref: str, serial: int) -> list[dict] | None:
+        """The blocks under the reply's last message; ``serial`` makes their block_ids new on
+        every message and every update, as Slack requires."""
+        blocks = [sources_block(list(self.sources), ref, serial)] if self.sources else []
+        blocks += feedback_blocks(ref, serial) if self.feedback else []
+        return blocks or None
+
+
+Closing = Callable[[], "list[dict] | None"]  # the blocks under the last message, made when sent
+
+
+class StreamDelivery:
+    """A reply written as Slack streams it: ``chat.startStream``, ``appendStream`` and
+    ``stopStream`` (the bot's only stream calls), rolling over to a new message before Slack's
+    size limit (``next_piece``). Used by the holder of the reply's ``_turn`` only.
+
+    ``send`` raises SlackBusy when a call's budget is spent (the text waits, and goes with the
+    next, larger append), SlackError when Slack refuses (``stopped_by_user`` once the person
+    pressed Stop); the Outbox then holds what is not shown."""
+
+    name = "streaming"
+
+    def __init__(self, api: SlackApi, q: Question, ref: str, on_shown: Callable[[str], None]):
+        self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
         self.visible: _Visible | None = None
-        self.shown_any = False
-        self.last_flush = 0.0
-        self.last_update = 0.0
-        self.status_at: float | None = None
-        self._serial = 0
-        self._out = ""  # the text being sent right now (holder of _turn only)
-        self._lock = threading.Lock()
-        self._turn = threading.Lock()
 
-    # -- public ------------------------------------------------------------------------------
-
-    def show_feedback(self) -> None:
-        """Show at once that the question was heard, never waiting for rate budget: the
-        status if Slack allows it, else a placeholder (then no streaming: the placeholder is
-        updated in place instead). When neither can go out now (many answers at once: their
-        budgets are spent) a 👀 reaction on the question does, from a budget of its own, and
-        needs no follow-up call. Holds ``_turn``: the placeholder is the visible message."""
-        with self._turn:
-            if self.closed:
-                return
-            try:
-                if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
-                    self.status_at = time.monotonic()
-                    return
-                ts = self.api.post_message(
-                    channel=self.q.channel,
-                    thread_ts=self.q.thread_ts,
-                    markdown=PLACEHOLDER_TEXT,
-                    metadata_type=NOTICE_METADATA,
-                    ref=self.ref,
-                    wait=0,
-                )
-            except SlackBusy:
-                if self.q.kind != "shortcut":  # a shortcut's question is no message to react to
-                    quietly(self.api.add_reaction, channel=self.q.channel, ts=self.q.ts)
-                return
-            self.visible = _Visible(ts)
-            self.use_stream = False
-
-    def add(self, text: str) -> None:
-        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser, or
-        Interrupted once shutdown has ended the reply (only another thread can close it while
-        its worker adds), so the worker stops reading the model."""
-        with self._lock:
-            if self.stopped:
-                raise StoppedByUser()
-            if self.closed:
-                raise Interrupted()
-            self.pending += text
-            due = not self.shown_any or len(self.pending) >= self.flush_chars or self._time_due()
-        if due:
-            self._deliver(final=False, wait=False)
-        if self.stopped:
-            raise StoppedByUser()
-
-    def flush_if_due(self) -> None:
-        """The Flusher's: send text that has waited ``flush_seconds`` while the model is quiet,
-        and keep the status alive until the first text. Never waits."""
-        with self._lock:
-            due = bool(self.pending) and not self.closed and self._time_due()
-        if due:
-            self._deliver(final=False, wait=False)
-        elif (
-            not self.shown_any
-            and self.status_at is not None
-            and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS
-            and self._turn.acquire(blocking=False)
-        ):
-            try:
-                if self.api.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
-                    self.status_at = time.monotonic()
-            except SlackBusy:
-                pass  # the next flush tries again
-            finally:
-                self._turn.release()
-
-    def finish(self, text: str = "", sources: list[Section] | None = None) -> None:
-        """Deliver ``text`` and everything pending, and close the reply: sources, then the
-        feedback buttons, under the last message."""
-        with self._lock:
-            if self.closed or self.stopped:
-                return
-            self.closed = True
-            self.pending += text
-            if not (self.shown_any or self.pending.strip()):
-                self.pending = EMPTY_ANSWER
-        self._deliver(
-            final=True,
-            wait=True,
-            metadata_type=ANSWER_METADATA,
-            feedback=self.feedback,
-            sources=sources or [],
-        )
-
-    def fail(self, notice: str) -> bool:
-        """End the reply with ``notice`` after whatever text was already shown (including text
-        a failed final delivery left behind). False (and nothing posted) if the reply was
-        already delivered, or the person pressed Stop."""
-        with self._lock:
-            if self.finished or self.stopped:
-                return False
-            self.closed = True
-            self.pending += ("\n\n" if self.shown_any or self.pending else "") + notice
-        self._deliver(final=True, wait=True, metadata_type=NOTICE_METADATA)
-        return True
-
-    def interrupt(self, notice: str) -> bool:
-        """Shutdown's: end a reply its worker may still be writing with ``notice``, waiting at
-        most a few seconds for rate budget (the grace period is short). As ``fail``."""
-        self.final_wait = 5.0
-        return self.fail(notice)
-
-    def _time_due(self) -> bool:
-        return time.monotonic() - self.last_flush >= self.flush_seconds
-
-    # -- the worker ---------------------------------------------------------------------------
-
-    def _deliver(
-        self,
-        *,
-        final: bool,
-        wait: bool,
-        metadata_type: str = ANSWER_METADATA,
-        feedback: bool = False,
-        sources: list[Section] | None = None,
-    ) -> None:
-        """Send pending text to Slack. Takes ``_turn`` (waiting for it only if ``wait``), moves
-        the pending text to ``_out`` under ``_lock``, and puts back what could not go out yet.
-        ``final`` sends everything, waiting up to ``final_wait`` for rate budget, and ends the
-        last message; if it fails, the open stream is still stopped (retried with the same
-        wait), and what was not shown stays pending for ``fail``."""
-        if not self._turn.acquire(blocking=wait):
-            return
-        try:
-            with self._lock:
-                if self.finished or (self.closed and not final):
-                    return  # ended meanwhile: only a final delivery may write now
-                self._out, self.pending = self.pending, ""
-            try:
-                self._send(
-                    final=final,
-                    metadata_type=metadata_type,
-                    feedback=feedback,
-                    sources=sources or [],
-                )
-                self.finished = final
-            except SlackError as e:
-                if e.code in STOPPED_CODES:
-                    self._stopped()
-                elif final:
-                    raise
-                else:  # a flush that could not go out loses nothing: it goes with the next one
-                    log_event(logging.DEBUG, "flush_deferred", ref=self.ref, error=e.code)
-            finally:
-                # Stamped after the call: a slow Slack must not turn every token into a flush.
-                self.last_flush = time.monotonic()
-                if final and not self.stopped:
-                    self._abandon_stream()
-                with self._lock:
-                    self.pending, self._out = ("" if self.stopped else self._out) + self.pending, ""
-        finally:
-            self._turn.release()
-
-    def _stopped(self) -> None:
-        """The person pressed Stop: end the stream as Slack expects, drop the rest, post nothing."""
-        with self._lock:
-            self.stopped = True
-            self.pending = self._out = ""
-        if self.visible is not None and self.visible.streaming:
-            with contextlib.suppress(SlackError):
-                self.api.stop_stream(
-                    channel=self.q.channel,
-                    ts=self.visible.ts,
-                    metadata_type=ANSWER_METADATA,
-                    ref=self.ref,
-                    wait=5,
-                )
-            self.visible.streaming = False
-
-    def _send(
-        self, *, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
-    ) -> None:
-        """Write ``_out`` into the visible message and its successors, removing from ``_out``
-        what Slack accepted. Holder of ``_turn`` only."""
-        if self.use_stream and (self.visible is None or self.visible.streaming):
-            try:
-                self._send_stream(final, metadata_type, feedback, sources)
-                return
-            except SlackBusy:
-                if self.visible is not None:
-                    raise  # mid-stream: the text waits for budget (coalescing)
-                self.use_stream = False  # no stream could start: messages from now on
-                log_event(
-                    logging.INFO, "stream_degraded", ref=self.ref, reason="stream budget spent"
-                )
-            except SlackError as e:
-                if e.code in STOPPED_CODES:
-                    raise
-                log_event(
-                    logging.WARNING,
-                    "stream_fallback",
-                    ref=self.ref,
-                    channel=self.q.channel,
-                    error=e.code,
-                )
-                if not self._abandon_stream() and final and not self._out.strip():
-                    raise  # nothing left to post the ending with: the reply is not finished
-        self._send_messages(final, metadata_type, feedback, sources)
-
-    def _abandon_stream(self) -> bool:
-        """Stop using streams: end the open one (so chat.update may edit it) and continue it as
-        an ordinary message from exactly what it shows. False if the stream could not be ended
-        (the rest then goes into new messages)."""
-        self.use_stream = False
-        if self.visible is not None and self.visible.streaming:
-            try:
-                self.api.stop_stream(
-                    channel=self.q.channel,
-                    ts=self.visible.ts,
-                    metadata_type=NOTICE_METADATA,
-                    ref=self.ref,
-                    wait=self.final_wait,
-                )
-            except SlackError as e:
-                if e.code not in STREAM_GONE_CODES:
-                    # Still streaming: chat.update would fail, so what is left gets posted,
-                    # and Slack ends the stream itself after ~5 minutes.
-                    log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
-                    self.visible = None
-                    return False
-            self.visible.streaming = False
-        return True
-
-    def _send_stream(
-        self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
-    ) -> None:
+    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
+        """Write ``box.text`` into the open stream and its successors; with an ``ending``, all
+        of it, the last message ended with ``closing()`` under it, waiting up to ``wait`` s."""
         while True:
             shown = self.visible.shown if self.visible else ""
             send, rest, end = next_piece(
-                shown, self._out, limit=MARKDOWN_LIMIT, soft_zone=_SOFT_ZONE
+                shown, box.text, limit=MARKDOWN_LIMIT, soft_zone=_SOFT_ZONE
             )
-            last = final and not end
+            last = ending is not None and not end
             if self.visible is None:
                 if not send:
                     return
-                ts = self.api.start_stream(
-                    channel=self.q.channel,
-                    thread_ts=self.q.thread_ts,
-                    markdown=send,
-                    user=self.q.user,
-                    team=self.q.team,
-                    wait=self.final_wait / 2 if final else 0,
-                )
+                ts = self._start(send, wait=wait / 2 if ending else 0)
                 self.visible = _Visible(ts, send, streaming=True)
-                self._shown(send)
-                self._out = rest
+                self.on_shown(send)
+                box.text = rest
                 if not (end or last):
                     return
                 send = ""
             elif not (end or last):
                 if send:
-                    self.api.append_stream(
-                        channel=self.q.channel, ts=self.visible.ts, markdown=send
-                    )
+                    self._append(send)
                     self.visible.shown += send
-                    self._shown(send)
-                    self._out = rest
+                    self.on_shown(send)
+                    box.text = rest
                 return
             # This message ends here, with ``send`` as its last text.
-            self.api.stop_stream(
-                channel=self.q.channel,
-                ts=self.visible.ts,
-                markdown=send,
-                metadata_type=metadata_type if last else ANSWER_METADATA,
-                ref=self.ref,
-                extra_blocks=self._closing_blocks(feedback, sources) if last else None,
-                wait=self.final_wait if final else 5,
+            self._stop(
+                send,
+                metadata_type=ending.metadata_type if last and ending else ANSWER_METADATA,
+                blocks=closing() if last else None,
+                wait=wait if ending else 5,
             )
-            self._shown(send)
+            self.on_shown(send)
             self.visible = None
-            self._out = rest
+            box.text = rest
             if last:
                 return
 
-    def _send_messages(
-        self, final: bool, metadata_type: str, feedback: bool, sources: list[Section]
-    ) -> None:
-        """Without a stream: grow the visible message (a placeholder, or a stream that was
-        abandoned) in place with chat.update, at most once a second, only while it fits and the
-        budget is free; at the end put what is left into it and into as many posted messages
-        as it takes."""
-        v, text = self.visible, self._out
-        if not final:
+    def close(self, wait: float) -> tuple[_Visible | None, bool]:
+        """Stop streaming: end the open stream (so chat.update may edit it), waiting up to
+        ``wait`` s. Returns the message a post delivery continues from exactly what it shows,
+        and whether the stream could be ended (if not, Slack ends it itself after ~5 minutes
+        and the rest goes into new messages)."""
+        v = self.visible
+        if v is None or not v.streaming:
+            return v, True
+        try:
+            self._stop("", metadata_type=NOTICE_METADATA, blocks=None, wait=wait)
+        except SlackError as e:
+            if e.code not in STREAM_GONE_CODES:
+                log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
+                self.visible = None
+                return None, False
+        v.streaming = False
+        return v, True
+
+    def stopped(self) -> None:
+        """The person pressed Stop: end the stream as Slack expects; what it shows stays."""
+        if self.visible is not None and self.visible.streaming:
+            with contextlib.suppress(SlackError):
+                self._stop("", metadata_type=ANSWER_METADATA, blocks=None, wait=5)
+            self.visible.streaming = False
+
+    def _start(self, markdown: str, *, wait: float) -> str:
+        """``chat.startStream`` with the first text; the streaming message's ts."""
+        resp = self.api.call(
+            "chat.startStream",
+            wait=wait,
+            channel=self.q.channel,
+            thread_ts=self.q.thread_ts,
+            markdown_text=markdown,
+            recipient_user_id=self.q.user,
+            recipient_team_id=self.q.team or None,
+        )
+        return _field(resp, "ts", "chat.startStream")
+
+    def _append(self, markdown: str) -> None:
+        """``chat.appendStream`` (never waits: the text goes with the next append instead)."""
+        assert self.visible is not None
+        self.api.call(
+            "chat.appendStream",
+            wait=0,
+            channel=self.q.channel,
+            ts=self.visible.ts,
+            markdown_text=markdown,
+        )
+
+    def _stop(self, markdown: str, *, metadata_type: str, blocks: list | None, wait: float) -> None:
+        """``chat.stopStream``: the last text, then the message is final (blocks, metadata)."""
+        assert self.visible is not None
+        self.api.call(
+            "chat.stopStream",
+            wait=wait,
+            channel=self.q.channel,
+            ts=self.visible.ts,
+            markdown_text=markdown or None,
+            blocks=blocks or None,
+            metadata=message_metadata(metadata_type, self.ref),
+        )
+
+
+class PostDelivery:
+    """A reply written as ordinary messages: the visible message (a placeholder, or a stream
+    that was ended) grows in place by ``chat.update``, at most once a second while it fits and
+    the budget is free; the end goes into it and into as many posted messages as it takes.
+    Used by the holder of the reply's ``_turn`` only; raises like StreamDelivery."""
+
+    name = "posting"
+
+    def __init__(
+        self,
+        api: SlackApi,
+        q: Question,
+        ref: str,
+        on_shown: Callable[[str], None],
+        visible: _Visible | None = None,
+    ):
+        self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
+        self.visible = visible
+        self.last_update = 0.0
+
+    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
+        """Write ``box.text`` (before the ending, only by growing the visible message)."""
+        v, text = self.visible, box.text
+        if ending is None:
             if v is None:
                 return  # nothing to grow yet: the status shows, the text goes out at the end
             combined = v.shown + text
@@ -3210,32 +3134,23 @@ class Reply:
                 and time.monotonic() - self.last_update >= MESSAGE_UPDATE_INTERVAL
             ):
                 self.last_update = time.monotonic()
-                self.api.update_message(
-                    channel=self.q.channel,
-                    ts=v.ts,
-                    markdown=combined,
-                    metadata_type=NOTICE_METADATA,
-                    ref=self.ref,
-                    wait=0,
-                )
-                v.shown, self._out = combined, ""
-                self._shown(text)
+                self._update(v, combined, metadata_type=NOTICE_METADATA, blocks=None, wait=0)
+                v.shown, box.text = combined, ""
+                self.on_shown(text)
             return
-        closing = self._closing_blocks(feedback, sources)
+        blocks = closing()
         rest: list[str]
         if v is not None:
             pieces = split_message(v.shown + text, MARKDOWN_LIMIT)
             try:
-                self.api.update_message(
-                    channel=self.q.channel,
-                    ts=v.ts,
-                    markdown=pieces[0],
-                    metadata_type=metadata_type,
-                    ref=self.ref,
-                    extra_blocks=closing if len(pieces) == 1 else None,
-                    wait=self.final_wait / 2,
+                self._update(
+                    v,
+                    pieces[0],
+                    metadata_type=ending.metadata_type,
+                    blocks=blocks if len(pieces) == 1 else None,
+                    wait=wait / 2,
                 )
-                self._shown(pieces[0])
+                self.on_shown(pieces[0])
                 rest = pieces[1:]
             except SlackError as e:
                 if e.code in STOPPED_CODES:
@@ -3252,33 +3167,364 @@ class Reply:
                 channel=self.q.channel,
                 thread_ts=self.q.thread_ts,
                 markdown=piece,
-                metadata_type=metadata_type,
+                metadata_type=ending.metadata_type,
                 ref=self.ref,
-                extra_blocks=closing if i == len(rest) - 1 else None,
-                wait=self.final_wait / 2,
+                extra_blocks=blocks if i == len(rest) - 1 else None,
+                wait=wait / 2,
             )
-            self._shown(piece)
-        self._out = ""
+            self.on_shown(piece)
+        box.text = ""
 
-    def _closing_blocks(self, feedback: bool, sources: list[Section]) -> list[dict] | None:
-        self._serial += 1
-        blocks = [sources_block(sources, self.ref, self._serial)] if sources else []
-        blocks += feedback_blocks(self.ref, self._serial) if feedback else []
-        return blocks or None
+    def close(self, wait: float) -> tuple[_Visible | None, bool]:
+        return self.visible, True
+
+    def _update(
+        self, v: _Visible, markdown: str, *, metadata_type: str, blocks: list | None, wait: float
+    ) -> None:
+        self.api.update_message(
+            channel=self.q.channel,
+            ts=v.ts,
+            markdown=markdown,
+            metadata_type=metadata_type,
+            ref=self.ref,
+            extra_blocks=blocks,
+            wait=wait,
+        )
+
+
+class Delivery:
+    """How a reply is being written, and its one change of course: streaming (unless streaming
+    is off) until a stream cannot start (budget spent, refused) or fails mid-way, posting from
+    then on. A failed stream is first ended (Slack refuses chat.update on a message still
+    streaming), and posting continues from exactly the text it shows: nothing lost, nothing
+    doubled, nothing left streaming. Used by the holder of the reply's ``_turn`` only; ``send``
+    raises what even posting cannot absorb, as SlackBusy or SlackError."""
+
+    def __init__(
+        self, api: SlackApi, q: Question, ref: str, on_shown: Callable[[str], None], *, stream: bool
+    ):
+        self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
+        self.current: StreamDelivery | PostDelivery = (
+            StreamDelivery(api, q, ref, on_shown) if stream else PostDelivery(api, q, ref, on_shown)
+        )
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def into_placeholder(self, ts: str) -> None:
+        """Post, growing the placeholder ``ts`` first."""
+        self.current = PostDelivery(self.api, self.q, self.ref, self.on_shown, _Visible(ts))
+
+    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
+        current = self.current
+        if isinstance(current, StreamDelivery):
+            try:
+                current.send(box, ending, closing, wait)
+                return
+            except SlackBusy:
+                if current.visible is not None:
+                    raise  # mid-stream: the text waits for budget (coalescing)
+                log_event(
+                    logging.INFO, "stream_degraded", ref=self.ref, reason="stream budget spent"
+                )
+                self.post_instead(wait)
+            except SlackError as e:
+                if e.code in STOPPED_CODES:
+                    raise
+                log_event(
+                    logging.WARNING,
+                    "stream_fallback",
+                    ref=self.ref,
+                    channel=self.q.channel,
+                    error=e.code,
+                )
+                if not self.post_instead(wait) and ending and not box.text.strip():
+                    raise  # nothing left to post the ending with: the reply is not finished
+        self.current.send(box, ending, closing, wait)
+
+    def post_instead(self, wait: float) -> bool:
+        """From now on, post: end an open stream and continue from what it shows. False if
+        the stream could not be ended (the rest then goes into new messages)."""
+        if isinstance(self.current, PostDelivery):
+            return True
+        visible, ended = self.current.close(wait)
+        self.current = PostDelivery(self.api, self.q, self.ref, self.on_shown, visible)
+        return ended
+
+    def stopped(self) -> None:
+        if isinstance(self.current, StreamDelivery):
+            self.current.stopped()
+
+
+class Feedback:
+    """What shows a question was heard before any answer text, never waiting for rate budget:
+    the "is thinking…" status (renewed while the model is silent: Slack clears it after two
+    minutes without a post), else (Slack refused the status) a placeholder message, else (many
+    answers at once: those budgets are spent) a 👀 reaction on the question, from a budget of
+    its own, which needs no follow-up call. Used by the holder of the reply's ``_turn``."""
+
+    def __init__(self, api: SlackApi, surfaces: SlackSurfaces, q: Question, ref: str):
+        self.api, self.surfaces, self.q, self.ref = api, surfaces, q, ref
+        self.status_at: float | None = None
+
+    def show(self) -> str | None:
+        """Show it; the placeholder's ts if one was posted (the reply then grows it)."""
+        try:
+            if self.surfaces.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+                self.status_at = time.monotonic()
+                return None
+            return self.api.post_message(
+                channel=self.q.channel,
+                thread_ts=self.q.thread_ts,
+                markdown=PLACEHOLDER_TEXT,
+                metadata_type=NOTICE_METADATA,
+                ref=self.ref,
+                wait=0,
+            )
+        except SlackBusy:
+            if self.q.kind != "shortcut":  # a shortcut's question is no message to react to
+                quietly(self.api.add_reaction, channel=self.q.channel, ts=self.q.ts)
+            return None
+
+    def status_due(self) -> bool:
+        return (
+            self.status_at is not None and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS
+        )
+
+    def renew(self) -> None:
+        try:
+            if self.surfaces.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
+                self.status_at = time.monotonic()
+        except SlackBusy:
+            pass  # the next flush tries again
+
+
+# Reply states and the moves between them; ``Reply._to`` is the only writer of ``state``.
+REPLY_MOVES: dict[str, frozenset[str]] = {
+    "thinking": frozenset({"streaming", "posting", "closing", "stopped"}),
+    "streaming": frozenset({"posting", "closing", "stopped"}),
+    "posting": frozenset({"closing", "stopped"}),
+    "closing": frozenset({"closing", "finished", "failed", "interrupted", "stopped"}),
+    "finished": frozenset(),
+    "stopped": frozenset(),
+    "failed": frozenset(),
+    "interrupted": frozenset(),
+}
+OPEN_STATES = frozenset({"thinking", "streaming", "posting"})  # answer text may still be added
+ENDED_STATES = frozenset({"finished", "stopped", "failed", "interrupted"})
+
+
+class Reply:
+    """One reply in one thread: visible feedback first, then the answer, whole and in order.
+
+    Its life is one field, ``state`` (REPLY_MOVES): ``thinking`` (nothing of the answer shows
+    yet: Feedback's status, placeholder or 👀), ``streaming`` or ``posting`` (answer text shows,
+    as Delivery writes it), ``closing`` (no more text comes; the last delivery, of the answer
+    or of a notice, is under way or was refused), then ``finished``, ``stopped`` (the person
+    pressed Stop: nothing more is posted, ``add`` raises StoppedByUser), ``failed`` or
+    ``interrupted`` (a notice ended it).
+
+    Small public methods over one worker, ``_deliver``: ``show_feedback``; ``add`` (model
+    text, sent every STREAM_FLUSH_CHARS or STREAM_FLUSH_SECONDS, the first at once);
+    ``flush_if_due`` (the Flusher's); ``finish``, ``fail``, ``interrupt`` (the end).
+
+    Concurrency contract. ``_lock`` guards ``pending`` and ``state`` and is never held during
+    a Slack call. ``_turn`` is held by the one thread writing this reply to Slack; only its
+    holder touches the delivery and the feedback. The Flusher only tries ``_turn`` and spends
+    rate budget only if it is free now, so when Slack is busy, flushes coalesce into fewer,
+    larger appends instead of waiting. The end of a reply may wait for budget: it holds
+    ``_turn`` then, which only the Flusher ever contends for.
+    """
+
+    def __init__(
+        self,
+        api: SlackApi,
+        surfaces: SlackSurfaces,
+        question: Question,
+        ref: str,
+        *,
+        streaming: bool,
+        feedback: bool,
+        received: float,
+        metrics: Metrics,
+    ):
+        self.q, self.ref, self.buttons = question, ref, feedback
+        self.received, self.metrics = received, metrics
+        self.state = "thinking"
+        self.feedback = Feedback(api, surfaces, question, ref)
+        self.delivery = Delivery(api, question, ref, self._shown, stream=streaming)
+        self.pending = ""
+        self.first_text_at: float | None = None  # when the answer's first text showed
+        self.last_flush = 0.0
+        self._serial = 0
+        self._box = Outbox()  # the text being sent right now (holder of _turn only)
+        self._lock = threading.Lock()
+        self._turn = threading.Lock()
+
+    # -- public ------------------------------------------------------------------------------
+
+    def show_feedback(self) -> None:
+        """Feedback, at once; a placeholder becomes the message the answer grows in."""
+        with self._turn:
+            if self.state != "thinking":
+                return
+            ts = self.feedback.show()
+            if ts is not None:
+                self.delivery.into_placeholder(ts)
+                with self._lock:
+                    self._to("posting")
+
+    def add(self, text: str) -> None:
+        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser, or
+        Interrupted once shutdown has ended the reply (only another thread can close it while
+        its worker adds), so the worker stops reading the model."""
+        with self._lock:
+            if self.state == "stopped":
+                raise StoppedByUser()
+            if self.state not in OPEN_STATES:
+                raise Interrupted()
+            self.pending += text
+            due = (
+                self.first_text_at is None
+                or len(self.pending) >= STREAM_FLUSH_CHARS
+                or self._time_due()
+            )
+        if due:
+            self._deliver()
+        if self.state == "stopped":
+            raise StoppedByUser()
+
+    def flush_if_due(self) -> None:
+        """The Flusher's: send text that has waited STREAM_FLUSH_SECONDS while the model is
+        quiet, and keep the status alive until the first text. Never waits."""
+        with self._lock:
+            due = bool(self.pending) and self.state in OPEN_STATES and self._time_due()
+        if due:
+            self._deliver()
+        elif (
+            self.first_text_at is None
+            and self.feedback.status_due()
+            and self._turn.acquire(blocking=False)
+        ):
+            try:
+                self.feedback.renew()
+            finally:
+                self._turn.release()
+
+    def finish(self, text: str = "", sources: Iterable[Section] = ()) -> None:
+        """Deliver ``text`` and everything pending, and close the reply: sources, then the
+        feedback buttons, under the last message. Raises SlackError if that fails."""
+        with self._lock:
+            if self.state not in OPEN_STATES:
+                return
+            self._to("closing")
+            self.pending += text
+            if not (self.first_text_at is not None or self.pending.strip()):
+                self.pending = EMPTY_ANSWER
+        ending = Ending("finished", ANSWER_METADATA, self.buttons, tuple(sources))
+        self._deliver(ending, wait=FINAL_WAIT_SECONDS)
+
+    def fail(self, notice: str) -> bool:
+        """End with ``notice`` after whatever text shows (and what a failed finish left);
+        False (nothing posted) if the reply has ended."""
+        return self._end_with(notice, "failed", FINAL_WAIT_SECONDS)
+
+    def interrupt(self, notice: str) -> bool:
+        """Shutdown's ``fail``: waits at most INTERRUPT_WAIT_SECONDS for rate budget."""
+        return self._end_with(notice, "interrupted", INTERRUPT_WAIT_SECONDS)
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _end_with(self, notice: str, state: str, wait: float) -> bool:
+        with self._lock:
+            if self.state in ENDED_STATES:
+                return False
+            self._to("closing")
+            shown = self.first_text_at is not None or self.pending
+            self.pending += ("\n\n" if shown else "") + notice
+        self._deliver(Ending(state, NOTICE_METADATA), wait=wait)
+        return True
+
+    def _to(self, state: str) -> None:
+        """Move to ``state`` (with ``_lock`` held); a move REPLY_MOVES does not allow is a bug."""
+        if state not in REPLY_MOVES[self.state]:
+            raise AssertionError(f"reply {self.ref}: no move from {self.state} to {state}")
+        self.state = state
+
+    def _time_due(self) -> bool:
+        return time.monotonic() - self.last_flush >= STREAM_FLUSH_SECONDS
+
+    def _deliver(self, ending: Ending | None = None, *, wait: float = 0.0) -> None:
+        """Send pending text to Slack: the one worker under every public method.
+
+        Takes ``_turn`` (waiting for it only for an ending), moves the pending text to the
+        Outbox under ``_lock``, writes it, and puts back what could not go out yet. With an
+        ``ending`` it sends everything, waiting up to ``wait`` s for rate budget, and ends the
+        last message; if that fails, the error escapes, no stream is left open (its stop is
+        retried with the same wait), and what was not shown stays pending, for ``fail``. A
+        flush that cannot go out loses nothing: it goes with the next one."""
+        if not self._turn.acquire(blocking=ending is not None):
+            return
+        try:
+            with self._lock:
+                if (self.state != "closing") if ending else (self.state not in OPEN_STATES):
+                    return  # ended meanwhile: only the ending's own delivery may write now
+                self._box.text, self.pending = self.pending, ""
+            try:
+                self.delivery.send(self._box, ending, self._closing(ending), wait)
+                if ending is not None:
+                    with self._lock:
+                        self._to(ending.state)
+            except SlackError as e:
+                if e.code in STOPPED_CODES:
+                    with self._lock:
+                        self._to("stopped")
+                        self.pending = self._box.text = ""
+                    self.delivery.stopped()
+                elif ending is not None:
+                    raise
+                else:
+                    log_event(logging.DEBUG, "flush_deferred", ref=self.ref, error=e.code)
+            finally:
+                # Stamped after the call: a slow Slack must not turn every token into a flush.
+                self.last_flush = time.monotonic()
+                if ending is not None and self.state != "stopped":
+                    self.delivery.post_instead(wait)
+                with self._lock:
+                    if self.state == "streaming" and self.delivery.name == "posting":
+                        self._to("posting")
+                    unsent = "" if self.state == "stopped" else self._box.text
+                    self.pending, self._box.text = unsent + self.pending, ""
+        finally:
+            self._turn.release()
+
+    def _closing(self, ending: Ending | None) -> Closing:
+        def blocks() -> list[dict] | None:
+            assert ending is not None
+            self._serial += 1
+            return ending.blocks(self.ref, self._serial)
+
+        return blocks
 
     def _shown(self, text: str) -> None:
-        if text and not self.shown_any:
-            self.shown_any = True
-            self.metrics.first_token.observe(time.monotonic() - self.received)
+        """A delivery showed ``text``: the first answer text is when the reply starts showing."""
+        if text and self.first_text_at is None:
+            self.first_text_at = time.monotonic()
+            self.metrics.first_token.observe(self.first_text_at - self.received)
+            with self._lock:
+                if self.state == "thinking":
+                    self._to(self.delivery.name)
 
 
 class Flusher:
-    """One thread for all replies: every ``interval`` it flushes replies whose buffered text
-    has waited too long because the model went quiet, so a slow model never leaves text
-    sitting in a buffer. Replies register while they are being written. ``stop`` ends it."""
+    """One thread for all replies: often enough that text waits at most STREAM_FLUSH_SECONDS
+    plus a tenth of a second, it flushes replies whose buffered text has waited too long
+    because the model went quiet, so a slow model never leaves text sitting in a buffer.
+    Replies register while they are being written. ``stop`` ends it."""
 
-    def __init__(self, interval: float):
-        self.interval = interval
+    def __init__(self) -> None:
+        self.interval = min(0.1, STREAM_FLUSH_SECONDS / 2)
         self._replies: set[Reply] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -3311,7 +3557,7 @@ class Flusher:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 10. Outcomes
+# 11. Outcomes
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -3409,14 +3655,6 @@ OUTCOMES: dict[str, Outcome] = {
 }
 
 
-class Interrupted(Exception):
-    """The bot is shutting down and this question could not be finished."""
-
-
-class QuestionTooLong(Exception):
-    """The question alone (with the system prompt and knowledge) does not fit the context."""
-
-
 def outcome_of(exc: Exception) -> tuple[str, str]:
     """The one place that maps a failure to an outcome kind and a log detail. Only ``Exception``
     reaches here: interpreter-fatal errors (KeyboardInterrupt, SystemExit) pass through."""
@@ -3437,18 +3675,15 @@ def outcome_of(exc: Exception) -> tuple[str, str]:
     return "internal_error", type(exc).__name__
 
 
-def notice_text(kind: str, ref: str, notice: str | None = None) -> str:
-    return f"{notice or OUTCOMES[kind].notice} (ref `{ref}`)"
+def notice_text(kind: str, ref: str, text: str | None = None) -> str:
+    """What a person is told when their question ends as ``kind`` (``text`` instead of the
+    outcome's own notice), with the ref that finds its log lines."""
+    return f"{text or OUTCOMES[kind].notice} (ref `{ref}`)"
 
 
 def new_ref() -> str:
     """A short reference id shown to the user and logged, to find this answer's log lines."""
     return "lb-" + secrets.token_hex(4)
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 11. Answering
-# ════════════════════════════════════════════════════════════════════════════════════════
 
 
 @dataclasses.dataclass
@@ -3468,10 +3703,96 @@ class Job:
             return first
 
 
+class Recorder:
+    """The one place an outcome is recorded: ``ledger_bot_answers_total`` and the ``answer``
+    log line (stable fields, its level from OUTCOMES), and for a question that was answered (or
+    tried to be: it had a reply) its duration, tokens, cost and sources too. Every question is
+    recorded exactly once: by whoever settles its Job."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def refused(self, job: Job, outcome: str) -> None:
+        """A question turned away before any answer began (limits, allow-lists, busy, restart)."""
+        self._record(job, outcome)
+
+    def answered(
+        self,
+        job: Job,
+        outcome: str,
+        *,
+        error: str | None = None,
+        usage: Usage | None = None,
+        cost: float = 0.0,
+        sections: int = 0,
+        cited: Iterable[Section] = (),
+    ) -> None:
+        """A question that got a reply, whatever its end."""
+        usage, labels = usage or Usage(), [s.label for s in cited]
+        m = self.metrics
+        m.answer_duration.observe(time.monotonic() - job.received)
+        m.llm_tokens.labels(kind="prompt").inc(usage.prompt_tokens)
+        m.llm_tokens.labels(kind="completion").inc(usage.completion_tokens)
+        m.llm_cost.inc(cost)
+        if outcome == "ok":
+            m.sources.labels(cited="yes" if labels else "no").inc()
+        self._record(
+            job,
+            outcome,
+            error=error,
+            tokens={
+                "prompt": usage.prompt_tokens,
+                "completion": usage.completion_tokens,
+                "cached": usage.cached_tokens,
+                "estimated": usage.estimated,
+            },
+            cost_usd=round(cost, 6),
+            knowledge_sections=sections,
+            sources=labels,
+        )
+
+    def _record(self, job: Job, outcome: str, **fields: Any) -> None:
+        q = job.question
+        self.metrics.answers.labels(outcome=outcome).inc()
+        log_event(
+            OUTCOMES[outcome].level,
+            "answer",
+            ref=job.ref,
+            channel=q.channel,
+            user=q.user,
+            latency_ms=round((time.monotonic() - job.received) * 1000),
+            outcome=outcome,
+            event_id=q.event_id,
+            kind=q.kind,
+            **fields,
+        )
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 12. Answering
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+# The questions one person may ask per USER_RATE_WINDOW_SECONDS (LEDGER_BOT_USER_RATE_LIMIT):
+# a limit per minute, as people think of one.
+USER_RATE_WINDOW_SECONDS = 60.0
+# Thread history sent as context: the newest messages, at most this many and this long (the
+# token budget may cut more); the oldest go first, never the question.
+HISTORY_MAX_MESSAGES = 40
+HISTORY_MAX_CHARS = 40_000
+QUERY_THREAD_MESSAGES = 4  # how many recent thread messages join the question in retrieval
+# The prompt a question is assumed to need until its real cost is known: the whole shipped
+# knowledge (~31,000 tokens by litellm's count, README › Retrieval) and a thread.
+RESERVE_PROMPT_TOKENS = 40_000
+
+
 @dataclasses.dataclass(frozen=True)
 class Refusal:
+    """A question turned away: its outcome, and what the person is told: ``text`` instead of
+    the outcome's own notice, or nothing at all if ``quiet`` (they were told already today)."""
+
     outcome: str
-    notice: str | None = None  # instead of the outcome's own notice
+    text: str | None = None
+    quiet: bool = False
 
 
 @dataclasses.dataclass
@@ -3490,8 +3811,17 @@ class Limits:
     cannot overspend; ``settle`` replaces the reservation with the real cost.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
-        self.config = config
+    def __init__(
+        self,
+        *,
+        rate_limit: int,
+        daily_budget_usd: float,
+        user_daily_budget_usd: float,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.rate_limit = rate_limit
+        self.daily_budget_usd = daily_budget_usd
+        self.user_daily_budget_usd = user_daily_budget_usd
         self.clock = clock
         self._lock = threading.Lock()
         self._asked: dict[str, collections.deque[float]] = {}
@@ -3504,32 +3834,42 @@ class Limits:
         if day != self._day:
             self._day, self._spent_total, self._spent_by_user = day, 0.0, {}
 
+    def describe(self) -> list[str]:
+        """Each person's limits, in words (the Home tab shows them)."""
+        return [
+            f"{self.rate_limit} questions per {_duration(USER_RATE_WINDOW_SECONDS)}"
+            if self.rate_limit
+            else "no per-person question limit",
+            f"a daily LLM budget of ${self.user_daily_budget_usd:.2f} per person"
+            if self.user_daily_budget_usd
+            else "no per-person daily budget",
+        ]
+
     def admit(self, user: str, reserve_usd: float = 0.0) -> Reservation | Refusal:
-        c = self.config
         now = self.clock()
         with self._lock:
             self._today()
-            total, mine = c.ledger_bot_daily_budget_usd, c.ledger_bot_user_daily_budget_usd
+            total, mine = self.daily_budget_usd, self.user_daily_budget_usd
             spent = self._spent_by_user.get(user, 0.0)
             if _over(self._spent_total, reserve_usd, total):
                 return Refusal("fleet_budget_exhausted")
             if _over(spent, reserve_usd, mine):
                 return Refusal("user_budget_exhausted")
-            if c.ledger_bot_user_rate_limit:
-                window = c.ledger_bot_user_rate_window_seconds
+            if self.rate_limit:
+                window = USER_RATE_WINDOW_SECONDS
                 asked = self._asked.setdefault(user, collections.deque())
                 while asked and asked[0] <= now - window:
                     asked.popleft()
-                if len(asked) >= c.ledger_bot_user_rate_limit:
+                if len(asked) >= self.rate_limit:
                     wait = max(1, math.ceil(asked[0] + window - now))
                     return Refusal(
                         "user_rate_limited",
-                        f"You've asked {len(asked)} questions in the last "
+                        text=f"You've asked {len(asked)} questions in the last "
                         f"{_duration(window)}. Please try again in {_duration(wait)}.",
                     )
                 asked.append(now)
             if len(self._asked) > 10_000:  # forget idle users so memory stays bounded
-                idle = now - c.ledger_bot_user_rate_window_seconds
+                idle = now - USER_RATE_WINDOW_SECONDS
                 for u in [u for u, q in self._asked.items() if not q or q[-1] <= idle]:
                     del self._asked[u]
             self._spent_total += reserve_usd
@@ -3618,42 +3958,46 @@ class ThreadVerdicts:
         bounded_put(self._verdicts, key, (verdict, expires), self.max_items)
 
 
-QUERY_THREAD_MESSAGES = (
-    4  # how many recent thread messages join the question in the retrieval query
-)
-
-
 def retrieval_query(question_text: str, thread: list[dict]) -> str:
-    """The text BM25 ranks knowledge by: the question and the last few thread messages."""
+    """The text knowledge is ranked by: the question and the last few thread messages."""
     recent = thread[-QUERY_THREAD_MESSAGES:] if QUERY_THREAD_MESSAGES else []
     return " ".join([question_text, *(m.get("text") or "" for m in recent)])
 
 
-def knowledge_budget(config: Config) -> int:
-    """Tokens of knowledge one prompt may carry."""
-    return int(config.ledger_bot_context_tokens * config.ledger_bot_knowledge_share)
+@dataclasses.dataclass(frozen=True)
+class PromptBudget:
+    """Tokens one prompt may spend on knowledge, and in all (the model's context less the
+    longest answer)."""
+
+    knowledge: int
+    total: int
+
+    @classmethod
+    def for_model(cls, model: str) -> PromptBudget:
+        context = context_tokens(model)
+        return cls(knowledge=int(context * KNOWLEDGE_SHARE), total=context - ANSWER_MAX_TOKENS)
 
 
 def build_prompt(
-    config: Config,
     kb: KnowledgeBase,
     question: Question,
     thread: list[dict],
     me: BotIdentity,
     count: Callable[[str], int],
+    budget: PromptBudget,
 ) -> tuple[list[dict], KnowledgeChoice]:
     """The one prompt pipeline (Slack, ``--ask`` and ``--eval`` alike): knowledge retrieved for
     the question and the thread's last messages, then the thread turned into chat messages."""
-    choice = kb.choose(retrieval_query(question.text, thread), knowledge_budget(config), count)
+    choice = kb.choose(retrieval_query(question.text, thread), budget.knowledge, count)
     messages = build_llm_messages(
         question=question,
         thread=thread,
         me=me,
         system_prompt=SYSTEM_PROMPT,
-        max_messages=config.ledger_bot_history_max_messages,
-        max_chars=config.ledger_bot_history_max_chars,
+        max_messages=HISTORY_MAX_MESSAGES,
+        max_chars=HISTORY_MAX_CHARS,
         knowledge=choice,
-        token_budget=config.ledger_bot_context_tokens - config.ledger_bot_max_output_tokens,
+        token_budget=budget.total,
         count_tokens=count,
     )
     return messages, choice
@@ -3666,236 +4010,144 @@ def cited_sections(choice: KnowledgeChoice, labels: list[str]) -> list[Section]:
     return [sent[label] for label in dict.fromkeys(labels) if label in sent]
 
 
-# The prompt a question is assumed to need until its real cost is known: the whole shipped
-# knowledge (~31,000 tokens by litellm's count, README › Retrieval) and a thread.
-RESERVE_PROMPT_TOKENS = 40_000
-
-
-class Answerer:
-    """Turns one Question into one reply in its thread; every failure becomes a notice.
-
-    ``answer`` runs on a worker; ``interrupt_open`` runs on the main thread at shutdown and ends
-    the replies still being written with RESTART_NOTICE (each job is settled once).
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        api: SlackApi,
-        me: BotIdentity,
-        knowledge: KnowledgeStore,
-        limits: Limits,
-        metrics: Metrics,
-        notifier: Notifier,
-        llm_client: Any = None,
-    ):
-        self.config = config
-        self.api = api
-        self.me = me
-        self.knowledge = knowledge
-        self.limits = limits
-        self.metrics = metrics
-        self.notifier = notifier
-        self.llm_client = llm_client
-        self.verdicts = ThreadVerdicts(self._thread_started_with_mention)
-        self.flusher = Flusher(interval=config.flusher_interval)
-        self._open: dict[str, tuple[Job, Reply | None]] = {}
-        self._open_lock = threading.Lock()
-        # What a question is assumed to cost until it is answered: a RESERVE_PROMPT_TOKENS
-        # prompt, none of it cached, and the longest answer allowed.
-        self.reserve_usd = cost_usd(
-            config,
-            Usage(
-                prompt_tokens=min(config.ledger_bot_context_tokens, RESERVE_PROMPT_TOKENS),
-                completion_tokens=config.ledger_bot_max_output_tokens,
-            ),
+def estimate_usage(
+    usage: Usage, messages: list[dict], text: str, count: Callable[[str], int]
+) -> None:
+    """A cut answer's tokens, counted because the gateway never reported them: the whole
+    prompt was read, and what arrived of the answer was generated. Images count IMAGE_TOKENS
+    each, not as the characters of their base64 (a 1 MB screenshot would otherwise count
+    ~950,000 tokens against the person's budget)."""
+    if not usage.prompt_tokens:
+        text_only, images = without_images(messages)
+        usage.prompt_tokens = (
+            count(json.dumps(text_only, ensure_ascii=False)) + images * IMAGE_TOKENS
         )
+    usage.completion_tokens = count(text)
+    usage.estimated = True
 
-    def answer(self, job: Job) -> str:
-        """Answer ``job``; returns the outcome (also logged and counted unless shutdown got there
-        first). The job is visible to ``interrupt_open`` from the moment a worker takes it."""
-        with self._open_lock:
+
+def attach_images(files: SlackFiles, q: Question, messages: list[dict]) -> tuple[list[dict], str]:
+    """Screenshots attached to the question, downloaded with the bot token and added to it (at
+    most IMAGE_MAX_COUNT of IMAGE_MAX_BYTES each, all within DOWNLOAD_SECONDS, so memory and
+    time stay bounded), each sent as the image type its bytes are; a file that is not an image,
+    or cannot be fetched, is named in a note and never fails the answer."""
+    if not q.files:
+        return messages, ""
+    chosen, skipped = choose_images(q.files, max_count=IMAGE_MAX_COUNT, max_bytes=IMAGE_MAX_BYTES)
+    loaded, unreadable = [], []
+    finish_by = time.monotonic() + DOWNLOAD_SECONDS
+    for f in chosen:
+        try:
+            data = files.download(
+                str(f.get("url_private_download") or f.get("url_private")),
+                max_bytes=IMAGE_MAX_BYTES,
+                finish_by=finish_by,
+            )
+            kind = image_type(data)
+            if kind is None:
+                raise SlackError("files", "not_an_image")
+            loaded.append((kind, data))
+        except SlackError as e:
+            unreadable.append(str(f.get("name") or f.get("id")))
+            log_event(logging.WARNING, "file_unreadable", file=f.get("id"), error=e.code)
+    return with_images(messages, loaded), skipped_files_note(skipped, unreadable)
+
+
+class OpenAnswers:
+    """The questions workers hold right now, with their replies once they have one: what
+    shutdown ends with RESTART_NOTICE when the drain deadline passes."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[Job, Reply | None]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, job: Job) -> Iterator[None]:
+        with self._lock:
             self._open[job.ref] = (job, None)
         try:
-            return self._answer(job)
+            yield
         finally:
-            with self._open_lock:
+            with self._lock:
                 self._open.pop(job.ref, None)
 
-    def _answer(self, job: Job) -> str:
-        q, c = job.question, self.config
-        usage, shown_text = Usage(), []
-        messages: list[dict] = []
-        outcome, detail = "ok", None
-        cited: list[Section] = []
-        choice: KnowledgeChoice | None = None
-        admitted: Reservation | Refusal | None = None
-        reply: Reply | None = None
+    def replying(self, job: Job, reply: Reply) -> None:
+        with self._lock:
+            self._open[job.ref] = (job, reply)
+
+    def now(self) -> list[tuple[Job, Reply | None]]:
+        with self._lock:
+            return list(self._open.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Slack:
+    """The bot's Slack clients, over one SlackApi."""
+
+    api: SlackApi
+    surfaces: SlackSurfaces
+    files: SlackFiles
+
+
+class Notices:
+    """How people hear that their question ended without an answer, each also recorded once:
+    refusals (``refuse``), failure notices (``tell``), and at shutdown the restart notice for
+    every question still open (``interrupt_open``). For the answerer, the dispatcher and the
+    lifecycle alike."""
+
+    def __init__(self, slack: Slack, recorder: Recorder):
+        self.slack = slack
+        self.recorder = recorder
+
+    def refuse(self, job: Job, refusal: Refusal) -> None:
+        """Turn a question away: record it, and tell the person (unless ``quiet``)."""
+        self.recorder.refused(job, refusal.outcome)
+        if not refusal.quiet:
+            self.tell(job, refusal.outcome, text=refusal.text)
+
+    def tell(
+        self, job: Job, outcome: str, reply: Reply | None = None, text: str | None = None
+    ) -> bool:
+        """Tell the person how their question ended, if OUTCOMES gives the outcome a notice (or
+        ``text`` replaces it): privately through the shortcut's response_url when the bot is not
+        in the conversation, at the end of the reply when there is one, else as a post in the
+        thread. True if it was said; one ``failure_notice_undeliverable`` line if Slack refused
+        even that (the person saw nothing)."""
+        notice = text or OUTCOMES[outcome].notice
+        if not notice:
+            return False
+        q, body = job.question, notice_text(outcome, job.ref, notice)
         try:
-            # Follow-ups in threads that are not the bot's are dropped silently.
-            if q.kind == "followup" and not self.verdicts.is_bot_thread(q.channel, q.thread_ts):
-                log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
-                job.settle()
-                return "ignored"
-            admitted = self.limits.admit(q.user, self.reserve_usd)
-            if isinstance(admitted, Refusal):
-                if job.settle():
-                    self.refuse(job, admitted.outcome, admitted.notice)
-                return admitted.outcome
-            reply = Reply(
-                self.api,
-                q,
-                job.ref,
-                streaming=c.ledger_bot_streaming,
-                flush_chars=c.ledger_bot_stream_flush_chars,
-                flush_seconds=c.ledger_bot_stream_flush_seconds,
-                feedback=c.ledger_bot_feedback,
-                received=job.received,
-                metrics=self.metrics,
-            )
-            with self._open_lock:
-                self._open[job.ref] = (job, reply)
-            reply.show_feedback()
-            self.metrics.first_feedback.observe(time.monotonic() - job.received)
-            thread = (
-                self.api.fetch_thread(
-                    channel=q.channel,
-                    thread_ts=q.thread_ts,
-                    max_messages=c.ledger_bot_history_max_messages,
-                )
-                if q.in_thread
-                else []
-            )
-            if names_pane_thread(q, thread, self.me):
-                title = thread_title(q.text, self.me)
-                self.notifier.submit(
-                    lambda: quietly(
-                        self.api.set_title, channel=q.channel, thread_ts=q.thread_ts, title=title
-                    )
-                )
-            kb = self.knowledge.current()
-            messages, choice = build_prompt(c, kb, q, thread, self.me, token_counter(c))
-            messages, files_note = self._attach_images(q, messages)
-            log_event(
-                logging.DEBUG,
-                "knowledge_chosen",
-                ref=job.ref,
-                whole=choice.whole,
-                sections=list(choice.labels),
-            )
-            log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
-            text = AnswerText()
-            stream = stream_completion(
-                c, messages, usage, client=self.llm_client, user=gateway_user(c, q.team, q.user)
-            )
-            try:
-                with self.flusher.watching(reply):
-                    for chunk in stream:
-                        shown_text.append(chunk)
-                        if out := text.feed(chunk):
-                            reply.add(out)
-            finally:
-                stream.close()  # after Stop or a failure: the gateway stops generating
-            rest, labels = text.end()
-            cited = cited_sections(choice, labels)
-            reply.finish(rest + neutralise_broadcasts(files_note), cited)
-            if reply.stopped:
-                raise StoppedByUser()
-            if c.ledger_bot_follow_ups and q.in_thread:
-                self.verdicts.remember(q.channel, q.thread_ts)
-        except Exception as exc:
-            outcome, detail = outcome_of(exc)
-            if outcome == "internal_error":
-                log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
-        if not job.settle():
-            return "interrupted"  # shutdown ended this reply and recorded it
-        notice = (
-            notice_text(outcome, job.ref) if outcome != "ok" and OUTCOMES[outcome].notice else ""
-        )
-        try:
-            if notice and outcome == "not_in_channel":
+            if outcome == "not_in_channel":
                 if q.response_url:
-                    self.api.respond(q.response_url, notice)
-            elif notice and reply is not None:
-                reply.fail(notice)
-            elif notice:
-                self.refuse(job, outcome, post=True, count=False)
+                    self.slack.files.respond(q.response_url, body)
+                return bool(q.response_url)
+            if reply is not None:
+                return reply.interrupt(body) if outcome == "interrupted" else reply.fail(body)
+            self.slack.api.post_message(
+                channel=q.channel,
+                thread_ts=q.thread_ts,
+                markdown=body,
+                metadata_type=NOTICE_METADATA,
+                ref=job.ref,
+            )
+            return True
         except SlackError as e:
             log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
-        cost = 0.0
-        try:
-            if not usage.completion_tokens and shown_text:
-                self._estimate(usage, messages, "".join(shown_text))
-            cost = cost_usd(c, usage)
-        except Exception:
-            log.exception("cost_failed", extra={"fields": {"ref": job.ref}})
-        if isinstance(admitted, Reservation):
-            self.limits.settle(admitted, cost)
-        self._record(job, outcome, detail, usage, cost, choice, cited)
-        return outcome
+            return False
 
-    def _attach_images(self, q: Question, messages: list[dict]) -> tuple[list[dict], str]:
-        """Screenshots attached to the question, downloaded with the bot token and added to it
-        (at most LEDGER_BOT_IMAGE_MAX_COUNT of LEDGER_BOT_IMAGE_MAX_BYTES each, all within
-        DOWNLOAD_SECONDS, so memory and time stay bounded), each sent as the image type its
-        bytes are; a file that is not an image, or cannot be fetched, is named in a note and
-        never fails the answer."""
-        c = self.config
-        if not q.files:
-            return messages, ""
-        chosen, skipped = choose_images(
-            q.files, max_count=c.ledger_bot_image_max_count, max_bytes=c.ledger_bot_image_max_bytes
-        )
-        loaded, unreadable = [], []
-        finish_by = time.monotonic() + DOWNLOAD_SECONDS
-        for f in chosen:
-            try:
-                data = self.api.download(
-                    str(f.get("url_private_download") or f.get("url_private")),
-                    max_bytes=c.ledger_bot_image_max_bytes,
-                    finish_by=finish_by,
-                )
-                kind = image_type(data)
-                if kind is None:
-                    raise SlackError("files", "not_an_image")
-                loaded.append((kind, data))
-            except SlackError as e:
-                unreadable.append(str(f.get("name") or f.get("id")))
-                log_event(logging.WARNING, "file_unreadable", file=f.get("id"), error=e.code)
-        return with_images(messages, loaded), skipped_files_note(skipped, unreadable)
-
-    def _estimate(self, usage: Usage, messages: list[dict], text: str) -> None:
-        """A cut answer's tokens, counted here because the gateway never reported them: the
-        whole prompt was read, and what arrived of the answer was generated. Images count
-        IMAGE_TOKENS each, not as the characters of their base64 (a 1 MB screenshot would
-        otherwise count ~950,000 tokens against the person's budget)."""
-        count = token_counter(self.config)
-        if not usage.prompt_tokens:
-            text_only, images = without_images(messages)
-            usage.prompt_tokens = (
-                count(json.dumps(text_only, ensure_ascii=False)) + images * IMAGE_TOKENS
-            )
-        usage.completion_tokens = count(text)
-        usage.estimated = True
-
-    def interrupt_open(self, deadline: float = 10.0) -> int:
+    def interrupt_open(self, open_answers: OpenAnswers, deadline: float = 10.0) -> int:
         """Shutdown: end every question a worker still holds with RESTART_NOTICE (stream
         stopped), all at once, within ``deadline`` seconds; each is recorded once, as
         ``interrupted`` (by whichever of this and its worker settles it). Returns how many."""
-        with self._open_lock:
-            open_now = list(self._open.values())
+        open_now = open_answers.now()
 
         def end(job: Job, reply: Reply | None) -> None:
-            try:
-                if reply is None:  # taken by a worker, no reply yet
-                    if job.settle():
-                        self.refuse(job, "interrupted")
-                elif reply.interrupt(notice_text("interrupted", job.ref)) and job.settle():
-                    self._record(
-                        job, "interrupted", "drain deadline passed", Usage(), 0.0, None, []
-                    )
-            except SlackError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+            if reply is None:  # taken by a worker, no reply yet
+                if job.settle():
+                    self.refuse(job, Refusal("interrupted"))
+            elif self.tell(job, "interrupted", reply) and job.settle():
+                self.recorder.answered(job, "interrupted", error="drain deadline passed")
 
         threads = [
             threading.Thread(target=end, args=pair, name="interrupt", daemon=True)
@@ -3908,95 +4160,185 @@ class Answerer:
             t.join(max(0.0, finish_by - time.monotonic()))
         return len(open_now)
 
-    def refuse(
+
+class Answerer:
+    """Turns one Question into one reply in its thread; every failure becomes a notice, and
+    every question one recorded outcome.
+
+    ``answer`` runs on a worker. Each job is settled once, and whoever settles it records it:
+    the worker, or at shutdown ``Notices.interrupt_open`` over ``open``.
+    """
+
+    def __init__(
         self,
-        job: Job,
-        outcome: str,
-        notice: str | None = None,
+        slack: Slack,
+        me: BotIdentity,
+        knowledge: KnowledgeStore,
+        limits: Limits,
+        notices: Notices,
+        notifier: Notifier,
+        gateway: GatewaySettings,
         *,
-        post: bool = True,
-        count: bool = True,
-    ) -> None:
-        """Turn a question away: count and log it (unless ``count`` is False: the caller
-        records it), and post its notice in the thread."""
+        streaming: bool,
+        feedback: bool,
+        follow_ups: bool,
+        llm_client: Any = None,
+    ):
+        self.slack = slack
+        self.me = me
+        self.knowledge = knowledge
+        self.limits = limits
+        self.notices = notices
+        self.recorder = notices.recorder
+        self.notifier = notifier
+        self.gateway = gateway
+        self.streaming, self.feedback, self.follow_ups = streaming, feedback, follow_ups
+        self.llm_client = llm_client
+        self.verdicts = ThreadVerdicts(self._thread_started_with_mention)
+        self.flusher = Flusher()
+        self.open = OpenAnswers()
+        model = gateway.ledger_bot_model
+        self.count = token_counter(model)
+        self.budget = PromptBudget.for_model(model)
+        # What a question is assumed to cost until it is answered: a RESERVE_PROMPT_TOKENS
+        # prompt, none of it cached, and the longest answer allowed.
+        self.reserve_usd = cost_usd(
+            model,
+            Usage(
+                prompt_tokens=min(self.budget.total, RESERVE_PROMPT_TOKENS),
+                completion_tokens=ANSWER_MAX_TOKENS,
+            ),
+        )
+
+    def answer(self, job: Job) -> str | None:
+        """Answer ``job``; returns its outcome (recorded, unless shutdown got there first), or
+        None for a follow-up in a thread that is not the bot's (no question: nothing recorded,
+        nothing said). The job is visible to ``interrupt_open`` from the moment a worker takes
+        it."""
+        with self.open.holding(job):
+            return self._answer(job)
+
+    def _answer(self, job: Job) -> str | None:
         q = job.question
-        if count:
-            self.metrics.answers.labels(outcome=outcome).inc()
-            log_event(
-                OUTCOMES[outcome].level,
-                "answer",
-                ref=job.ref,
-                channel=q.channel,
-                user=q.user,
-                latency_ms=0,
-                outcome=outcome,
-                event_id=q.event_id,
-                kind=q.kind,
+        usage, streamed = Usage(), []
+        messages: list[dict] = []
+        outcome, detail = "ok", None
+        cited: list[Section] = []
+        choice: KnowledgeChoice | None = None
+        admitted: Reservation | Refusal | None = None
+        reply: Reply | None = None
+        try:
+            # Follow-ups in threads that are not the bot's are dropped silently.
+            if q.kind == "followup" and not self.verdicts.is_bot_thread(q.channel, q.thread_ts):
+                log_event(logging.DEBUG, "followup_ignored", ref=job.ref, channel=q.channel)
+                job.settle()
+                return None
+            admitted = self.limits.admit(q.user, self.reserve_usd)
+            if isinstance(admitted, Refusal):
+                if job.settle():
+                    self.notices.refuse(job, admitted)
+                return admitted.outcome
+            reply = Reply(
+                self.slack.api,
+                self.slack.surfaces,
+                q,
+                job.ref,
+                streaming=self.streaming,
+                feedback=self.feedback,
+                received=job.received,
+                metrics=self.recorder.metrics,
             )
-        if post and (notice or OUTCOMES[outcome].notice):
-            try:
-                self.api.post_message(
-                    channel=q.channel,
-                    thread_ts=q.thread_ts,
-                    markdown=notice_text(outcome, job.ref, notice),
-                    metadata_type=NOTICE_METADATA,
-                    ref=job.ref,
+            self.open.replying(job, reply)
+            reply.show_feedback()
+            self.recorder.metrics.first_feedback.observe(time.monotonic() - job.received)
+            thread = (
+                self.slack.api.fetch_thread(
+                    channel=q.channel, thread_ts=q.thread_ts, max_messages=HISTORY_MAX_MESSAGES
                 )
-            except SlackError as e:
-                log_event(logging.ERROR, "failure_notice_undeliverable", ref=job.ref, error=e.code)
+                if q.in_thread
+                else []
+            )
+            if names_pane_thread(q, thread, self.me):
+                title = thread_title(q.text, self.me)
+                self.notifier.submit(
+                    lambda: quietly(
+                        self.slack.surfaces.set_title,
+                        channel=q.channel,
+                        thread_ts=q.thread_ts,
+                        title=title,
+                    )
+                )
+            kb = self.knowledge.current()
+            messages, choice = build_prompt(kb, q, thread, self.me, self.count, self.budget)
+            messages, files_note = attach_images(self.slack.files, q, messages)
+            log_event(
+                logging.DEBUG,
+                "knowledge_chosen",
+                ref=job.ref,
+                whole=choice.whole,
+                sections=list(choice.labels),
+            )
+            log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
+            text = AnswerText()
+            stream = stream_completion(
+                self.gateway,
+                messages,
+                usage,
+                client=self.llm_client,
+                user=gateway_user(self.gateway.litellm_developer_key, q.team, q.user),
+            )
+            try:
+                with self.flusher.watching(reply):
+                    for chunk in stream:
+                        streamed.append(chunk)
+                        if out := text.feed(chunk):
+                            reply.add(out)
+            finally:
+                stream.close()  # after Stop or a failure: the gateway stops generating
+            rest, labels = text.end()
+            cited = cited_sections(choice, labels)
+            reply.finish(rest + neutralise_broadcasts(files_note), cited)
+            if reply.state == "stopped":
+                raise StoppedByUser()
+            if self.follow_ups and q.in_thread:
+                self.verdicts.remember(q.channel, q.thread_ts)
+        except Exception as exc:
+            outcome, detail = outcome_of(exc)
+            if outcome == "internal_error":
+                log.exception("answer_crashed", extra={"fields": {"ref": job.ref}})
+        if not job.settle():
+            return "interrupted"  # shutdown ended this reply and recorded it
+        if outcome != "ok":
+            self.notices.tell(job, outcome, reply)
+        cost = self._cost(job, usage, messages, "".join(streamed))
+        if isinstance(admitted, Reservation):
+            self.limits.settle(admitted, cost)
+        sections = len(choice.sections) if choice else 0
+        self.recorder.answered(
+            job, outcome, error=detail, usage=usage, cost=cost, sections=sections, cited=cited
+        )
+        return outcome
+
+    def _cost(self, job: Job, usage: Usage, messages: list[dict], streamed: str) -> float:
+        try:
+            if not usage.completion_tokens and streamed:
+                estimate_usage(usage, messages, streamed, self.count)
+            return cost_usd(self.gateway.ledger_bot_model, usage)
+        except Exception:
+            log.exception("cost_failed", extra={"fields": {"ref": job.ref}})
+            return 0.0
 
     def _thread_started_with_mention(self, channel: str, thread_ts: str) -> bool:
         """Raises SlackError when it cannot tell (ThreadVerdicts caches nothing then)."""
-        root = self.api.fetch_thread_root(channel=channel, thread_ts=thread_ts)
+        root = self.slack.api.fetch_thread_root(channel=channel, thread_ts=thread_ts)
         return root is not None and f"<@{self.me.user_id}" in (root.get("text") or "")
-
-    def _record(
-        self,
-        job: Job,
-        outcome: str,
-        error: str | None,
-        usage: Usage,
-        cost: float,
-        choice: KnowledgeChoice | None,
-        cited: list[Section],
-    ) -> None:
-        latency = time.monotonic() - job.received
-        m = self.metrics
-        m.answers.labels(outcome=outcome).inc()
-        m.answer_duration.observe(latency)
-        m.llm_tokens.labels(kind="prompt").inc(usage.prompt_tokens)
-        m.llm_tokens.labels(kind="completion").inc(usage.completion_tokens)
-        m.llm_cost.inc(cost)
-        if outcome == "ok":
-            m.sources.labels(cited="yes" if cited else "no").inc()
-        log_event(
-            OUTCOMES[outcome].level,
-            "answer",
-            ref=job.ref,
-            channel=job.question.channel,
-            user=job.question.user,
-            latency_ms=round(latency * 1000),
-            tokens={
-                "prompt": usage.prompt_tokens,
-                "completion": usage.completion_tokens,
-                "cached": usage.cached_tokens,
-                "estimated": usage.estimated,
-            },
-            cost_usd=round(cost, 6),
-            outcome=outcome,
-            error=error,
-            event_id=job.question.event_id,
-            kind=job.question.kind,
-            knowledge_sections=len(choice.sections) if choice else 0,
-            sources=[s.label for s in cited],
-        )
 
     def close(self) -> None:
         self.flusher.stop()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 12. Dispatch
+# 13. Dispatch
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -4025,82 +4367,11 @@ class SeenSet:
             return True
 
 
-# The notices threads' lanes: each is one thread with its own queue, so a call of one kind never
-# waits behind another kind's rate-budget wait. ``Notifier.submit`` names the lane.
-NOTICE_LANES = {
-    # views.open: Slack voids a trigger_id 3 s after the click, so nothing may queue ahead of it.
-    "trigger": 16,
-    # refusals (which may wait for chat.postMessage's 1/s per channel), feedback thanks, the AI
-    # pane's prompts and titles: things a person is looking at right now.
-    "notices": 256,
-    # Home tab publishes: one per person at most queued (a newer view replaces nothing a person
-    # could miss), so a flood of app_home_opened delays nobody else.
-    "home": 256,
-}
-
-
-class Notifier:
-    """The Slack calls the dispatcher needs, made off slack_sdk's listener pool, which must never
-    wait on Slack (retries, rate budgets) on exactly the overload path. One thread per lane of
-    NOTICE_LANES. ``submit`` with a ``key`` drops a task whose key is already queued in that
-    lane. ``close`` lets each lane finish what is queued (up to a deadline) and stops them."""
-
-    def __init__(self) -> None:
-        self._queues: dict[str, queue.Queue[tuple[str, Callable[[], None]] | None]] = {
-            lane: queue.Queue(maxsize=size) for lane, size in NOTICE_LANES.items()
-        }
-        self._queued_keys: set[str] = set()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._run, args=(q,), name=f"notices-{lane}", daemon=True)
-            for lane, q in self._queues.items()
-        ]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, task: Callable[[], None], *, lane: str = "notices", key: str = "") -> bool:
-        with self._lock:
-            if key and key in self._queued_keys:
-                return False
-            try:
-                self._queues[lane].put_nowait((key, task))
-            except queue.Full:
-                log_event(logging.WARNING, "notice_dropped", lane=lane, reason="queue full")
-                return False
-            if key:
-                self._queued_keys.add(key)
-        return True
-
-    def _run(self, lane: queue.Queue[tuple[str, Callable[[], None]] | None]) -> None:
-        while (item := lane.get()) is not None:
-            key, task = item
-            with self._lock:
-                self._queued_keys.discard(key)
-            try:
-                task()
-            except Exception:
-                log.exception("notice_failed")
-
-    def close(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for lane in self._queues.values():
-            with contextlib.suppress(queue.Full):
-                lane.put(None, timeout=max(0.0, deadline - time.monotonic()))
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-
-FEEDBACK_THANKS = "Thanks for the feedback! It helps the BOR Write team improve my answers."
-
-
-class Dispatcher:
-    """Decides what to do with one acked envelope: ignore, drop as duplicate, refuse (not
-    allowed, busy), record a feedback vote, open the thread-question modal, set up an AI-pane
-    thread, publish the Home tab, or queue the question for a worker. Runs on slack_sdk's
-    listener pool: it never calls Slack itself (every call goes to the Notifier).
-
-    Questions come in by four doors, all meeting ``_take``: @mentions, DMs (and AI-pane
-    threads, which are DMs), follow-ups in the bot's threads, and the message shortcut.
+class Intake:
+    """The policy every question meets, whatever door it came in by (@mentions, DMs and AI-pane
+    threads, follow-ups in the bot's threads, the shortcut's modal): once only, allow-lists,
+    then the queue (or "busy"). Limits and budgets are the worker's (one admit, after a
+    successful submit). Refusals are said from the notices thread.
 
     Allow-lists: LEDGER_BOT_ALLOWED_CHANNELS governs channels; DMs are governed by
     LEDGER_BOT_ALLOWED_USERS alone (a DM has no channel anyone could allow-list).
@@ -4108,115 +4379,24 @@ class Dispatcher:
 
     def __init__(
         self,
-        config: Config,
-        me: BotIdentity,
-        answerer: Answerer,
-        pool: WorkerPool,
+        submit: Callable[[Job], bool],
+        notices: Notices,
         notifier: Notifier,
         metrics: Metrics,
+        *,
+        allowed_channels: tuple[str, ...],
+        allowed_users: tuple[str, ...],
     ):
-        self.config = config
-        self.me = me
-        self.answerer = answerer
-        self.pool = pool
+        self.submit = submit  # the worker pool's: False when its queue is full
+        self.notices = notices
         self.notifier = notifier
         self.metrics = metrics
+        self.allowed_channels = allowed_channels
+        self.allowed_users = allowed_users
         self.seen = SeenSet()
         self.told_not_allowed = SeenSet(ttl_seconds=24 * 3600)
-        self.votes: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._votes_lock = threading.Lock()
-        # Signs the shortcut modal's private_metadata; every replica derives the same key.
-        self.modal_key = hmac.new(
-            config.slack_bot_token.encode(), b"ledger-bot modal", hashlib.sha256
-        ).digest()
 
-    def ack_payload(self, envelope_type: str, payload: dict) -> dict | None:
-        """What the ack of this envelope carries (on the socket's reader thread: cheap, never
-        raises): the modal's own errors for a question submission that asks nothing."""
-        view = payload.get("view") if envelope_type == "interactive" else None
-        if (
-            payload.get("type") != "view_submission"
-            or not isinstance(view, dict)
-            or view.get("callback_id") != MODAL_CALLBACK
-        ):
-            return None
-        verdict = read_modal(view, payload.get("user") or {}, self.modal_key, now=time.time())
-        if isinstance(verdict, ModalRejected) and verdict.errors:
-            return {"response_action": "errors", "errors": verdict.errors}
-        return None
-
-    def dispatch(
-        self,
-        envelope_type: str,
-        payload: dict,
-        received: float,
-        *,
-        envelope_id: str = "",
-        retry_attempt: int | None = None,
-    ) -> None:
-        """Route one acked envelope; see the class docstring. Every envelope type the bot
-        handles is named here, and nowhere else."""
-        if envelope_type == "interactive":
-            kind = payload.get("type")
-            if kind == "block_actions":
-                self._on_block_actions(payload)
-            elif kind == "message_action" and payload.get("callback_id") == SHORTCUT_CALLBACK:
-                self._on_shortcut(payload)
-            elif (
-                kind == "view_submission"
-                and (payload.get("view") or {}).get("callback_id") == MODAL_CALLBACK
-            ):
-                self._on_modal(payload, received)
-            else:
-                self.metrics.events.labels(type="other", outcome="ignored").inc()
-            return
-        if envelope_type != "events_api":
-            self.metrics.events.labels(type="other", outcome="ignored").inc()
-            log_event(logging.DEBUG, "envelope_ignored", envelope_type=envelope_type)
-            return
-        raw_event = payload.get("event") or {}
-        event_type = str(raw_event.get("type") or "unknown")
-        if event_type == "assistant_thread_started":
-            self._on_assistant_thread(raw_event)
-            return
-        if event_type == "app_home_opened":
-            self._on_home_opened(raw_event)
-            return
-        metric_type = event_type if event_type in ("app_mention", "message") else "other"
-        event_id = str(payload.get("event_id") or "")
-        try:
-            event = msgspec.convert(raw_event, SlackEvent, strict=False)
-        except msgspec.ValidationError as e:
-            self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
-            log_event(
-                logging.WARNING,
-                "event_rejected",
-                event_id=event_id,
-                reason="malformed",
-                error=str(e),
-            )
-            return
-        verdict = classify_event(
-            event_type,
-            event,
-            event_id,
-            str(payload.get("team_id") or ""),
-            self.me,
-            follow_ups=self.config.ledger_bot_follow_ups,
-        )
-        if isinstance(verdict, Ignored):
-            self.metrics.events.labels(type=metric_type, outcome="ignored").inc()
-            log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
-            return
-        # One answer per event (Slack redelivers) and per message (a mention can also arrive as
-        # a `message` event). An event without an id is known by its envelope and message.
-        keys = [
-            f"msg:{verdict.channel}:{verdict.ts}",
-            f"event:{event_id}" if event_id else f"envelope:{envelope_id}",
-        ]
-        self._take(verdict, received, metric_type, keys, retry_attempt)
-
-    def _take(
+    def take(
         self,
         q: Question,
         received: float,
@@ -4224,9 +4404,8 @@ class Dispatcher:
         keys: list[str],
         retry_attempt: int | None = None,
     ) -> bool:
-        """The policy every question meets, whatever door it came in by: once only, allow-lists,
-        then the queue (or "busy"). Limits and budgets are the worker's (one admit, after a
-        successful submit). True if queued."""
+        """Queue ``q`` for a worker, unless one of ``keys`` was seen, an allow-list refuses it,
+        or the queue is full; True if queued."""
         if not self.seen.add(*keys):
             self.metrics.events.labels(type=metric_type, outcome="duplicate").inc()
             log_event(
@@ -4239,16 +4418,12 @@ class Dispatcher:
             return False
         job = Job(q, received)
         refusal = self._not_allowed(q)
-        if refusal is None and not self.pool.submit(job):
+        if refusal is None and not self.submit(job):
             refusal = Refusal("busy")
         if refusal is not None:
             self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
             job.settle()
-            self.notifier.submit(
-                lambda: self.answerer.refuse(
-                    job, refusal.outcome, refusal.notice, post=refusal.notice != ""
-                )
-            )
+            self.notifier.submit(lambda: self.notices.refuse(job, refusal))
             return False
         self.metrics.events.labels(type=metric_type, outcome="accepted").inc()
         log_event(
@@ -4264,26 +4439,75 @@ class Dispatcher:
         log_event(logging.DEBUG, "question_text", ref=job.ref, text=q.text)
         return True
 
-    # -- the AI pane, the shortcut, the Home tab ------------------------------------------------
-
-    def _on_assistant_thread(self, event: dict) -> None:
-        """A person opened a thread in the AI pane: offer the suggested prompts. Nothing about
-        the thread is remembered: any replica answers it and names it (``Answerer``)."""
-        thread = event.get("assistant_thread") or {}
-        channel, thread_ts = str(thread.get("channel_id") or ""), str(thread.get("thread_ts") or "")
-        if not (channel and thread_ts):
-            self.metrics.events.labels(type="assistant", outcome="rejected").inc()
-            return
-        self.metrics.events.labels(type="assistant", outcome="accepted").inc()
-        prompts = self.config.suggested_prompts
-        self.notifier.submit(
-            lambda: quietly(
-                self.answerer.api.set_suggested_prompts,
-                channel=channel,
-                thread_ts=thread_ts,
-                prompts=prompts,
-            )
+    def _not_allowed(self, q: Question) -> Refusal | None:
+        """A refusal if an allow-list excludes this question (said once a day per channel, or
+        per user in DMs; quiet after that), else None."""
+        channel_ok = (
+            not self.allowed_channels or q.kind == "dm" or q.channel in self.allowed_channels
         )
+        user_ok = not self.allowed_users or q.user in self.allowed_users
+        if channel_ok and user_ok:
+            return None
+        where = q.user if q.kind == "dm" or channel_ok else q.channel
+        return Refusal("not_allowed", quiet=not self.told_not_allowed.add(where))
+
+
+FEEDBACK_THANKS = "Thanks for the feedback! It helps the BOR Write team improve my answers."
+
+
+class Interactions:
+    """Interactivity: the 👍/👎 votes, the message shortcut and its modal. Runs on slack_sdk's
+    listener pool (and ``ack_payload`` on the socket's reader thread): it never calls Slack
+    itself, every call goes to the Notifier."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        api: SlackApi,
+        surfaces: SlackSurfaces,
+        notifier: Notifier,
+        metrics: Metrics,
+        *,
+        modal_key: bytes,
+    ):
+        self.intake = intake
+        self.api = api
+        self.surfaces = surfaces
+        self.notifier = notifier
+        self.metrics = metrics
+        self.modal_key = modal_key  # signs the modal's private_metadata (see modal_where)
+        self.votes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._votes_lock = threading.Lock()
+
+    def handle(self, payload: dict, received: float) -> None:
+        """Route one acked ``interactive`` envelope."""
+        kind = payload.get("type")
+        if kind == "block_actions":
+            self._on_block_actions(payload)
+        elif kind == "message_action" and payload.get("callback_id") == SHORTCUT_CALLBACK:
+            self._on_shortcut(payload)
+        elif (
+            kind == "view_submission"
+            and (payload.get("view") or {}).get("callback_id") == MODAL_CALLBACK
+        ):
+            self._on_modal(payload, received)
+        else:
+            self.metrics.events.labels(type="other", outcome="ignored").inc()
+
+    def ack_payload(self, envelope_type: str, payload: dict) -> dict | None:
+        """What the ack of this envelope carries (on the socket's reader thread: cheap, never
+        raises): the modal's own errors for a question submission that asks nothing."""
+        view = payload.get("view") if envelope_type == "interactive" else None
+        if (
+            payload.get("type") != "view_submission"
+            or not isinstance(view, dict)
+            or view.get("callback_id") != MODAL_CALLBACK
+        ):
+            return None
+        verdict = read_modal(view, payload.get("user") or {}, self.modal_key, now=time.time())
+        if isinstance(verdict, ModalRejected) and verdict.errors:
+            return {"response_action": "errors", "errors": verdict.errors}
+        return None
 
     def _on_shortcut(self, payload: dict) -> None:
         """ "Ask about this thread" on a message: open the question modal, first in line (its
@@ -4307,7 +4531,7 @@ class Dispatcher:
         )
         view = ask_modal(where)
         self.notifier.submit(
-            lambda: quietly(self.answerer.api.open_view, trigger_id=trigger, view=view),
+            lambda: quietly(self.surfaces.open_view, trigger_id=trigger, view=view),
             lane="trigger",
         )
 
@@ -4320,38 +4544,7 @@ class Dispatcher:
             self.metrics.events.labels(type="shortcut", outcome="rejected").inc()
             log_event(logging.WARNING, "event_rejected", reason=f"modal: {verdict.reason}")
             return
-        self._take(verdict, received, "shortcut", [f"view:{view.get('id') or verdict.ts}"])
-
-    def _on_home_opened(self, event: dict) -> None:
-        user = str(event.get("user") or "")
-        if event.get("tab") != "home" or not user:
-            self.metrics.events.labels(type="app_home", outcome="ignored").inc()
-            return
-        self.metrics.events.labels(type="app_home", outcome="accepted").inc()
-        self.notifier.submit(  # the view is built there too: current() may reload files
-            lambda: quietly(
-                self.answerer.api.publish_home,
-                user=user,
-                view=home_view(self.answerer.knowledge.current().sections, self.config),
-            ),
-            lane="home",
-            key=f"home:{user}",
-        )
-
-    def _not_allowed(self, q: Question) -> Refusal | None:
-        """A refusal if an allow-list excludes this question (the notice once a day per channel,
-        or per user in DMs; ``notice=""`` for silence), else None."""
-        c = self.config
-        channel_ok = (
-            not c.ledger_bot_allowed_channels
-            or q.kind == "dm"
-            or q.channel in c.ledger_bot_allowed_channels
-        )
-        user_ok = not c.ledger_bot_allowed_users or q.user in c.ledger_bot_allowed_users
-        if channel_ok and user_ok:
-            return None
-        where = q.user if q.kind == "dm" or channel_ok else q.channel
-        return Refusal("not_allowed", None if self.told_not_allowed.add(where) else "")
+        self.intake.take(verdict, received, "shortcut", [f"view:{view.get('id') or verdict.ts}"])
 
     def _on_block_actions(self, payload: dict) -> None:
         """👍/👎 votes: one per person per answer (a second click that changes the vote is
@@ -4390,7 +4583,7 @@ class Dispatcher:
         if channel and user and before is None:
             self.notifier.submit(
                 lambda: quietly(
-                    self.answerer.api.post_ephemeral,
+                    self.api.post_ephemeral,
                     channel=channel,
                     user=user,
                     thread_ts=thread_ts,
@@ -4399,8 +4592,128 @@ class Dispatcher:
             )
 
 
+class Dispatcher:
+    """Decides what to do with one acked envelope: ignore it, hand interactivity to
+    Interactions, set up an AI-pane thread, publish the Home tab, or put a question through
+    the Intake. Runs on slack_sdk's listener pool: it never calls Slack itself (every call goes
+    to the Notifier). Every envelope and event type the bot handles is named in ``dispatch``,
+    and nowhere else."""
+
+    def __init__(
+        self,
+        me: BotIdentity,
+        intake: Intake,
+        interactions: Interactions,
+        surfaces: SlackSurfaces,
+        notifier: Notifier,
+        metrics: Metrics,
+        *,
+        follow_ups: bool,
+        prompts: list[str],
+        home: Callable[[], dict],
+    ):
+        self.me = me
+        self.intake = intake
+        self.interactions = interactions
+        self.surfaces = surfaces
+        self.notifier = notifier
+        self.metrics = metrics
+        self.follow_ups = follow_ups
+        self.prompts = prompts
+        self.home = home  # builds the Home tab's view (on the notices thread: it may reload files)
+
+    def dispatch(
+        self,
+        envelope_type: str,
+        payload: dict,
+        received: float,
+        *,
+        envelope_id: str = "",
+        retry_attempt: int | None = None,
+    ) -> None:
+        """Route one acked envelope; see the class docstring."""
+        if envelope_type == "interactive":
+            self.interactions.handle(payload, received)
+            return
+        if envelope_type != "events_api":
+            self.metrics.events.labels(type="other", outcome="ignored").inc()
+            log_event(logging.DEBUG, "envelope_ignored", envelope_type=envelope_type)
+            return
+        raw_event = payload.get("event") or {}
+        event_type = str(raw_event.get("type") or "unknown")
+        if event_type == "assistant_thread_started":
+            self._on_assistant_thread(raw_event)
+            return
+        if event_type == "app_home_opened":
+            self._on_home_opened(raw_event)
+            return
+        metric_type = event_type if event_type in ("app_mention", "message") else "other"
+        event_id = str(payload.get("event_id") or "")
+        try:
+            event = msgspec.convert(raw_event, SlackEvent, strict=False)
+        except msgspec.ValidationError as e:
+            self.metrics.events.labels(type=metric_type, outcome="rejected").inc()
+            log_event(
+                logging.WARNING,
+                "event_rejected",
+                event_id=event_id,
+                reason="malformed",
+                error=str(e),
+            )
+            return
+        verdict = classify_event(
+            event_type,
+            event,
+            event_id,
+            str(payload.get("team_id") or ""),
+            self.me,
+            follow_ups=self.follow_ups,
+        )
+        if isinstance(verdict, Ignored):
+            self.metrics.events.labels(type=metric_type, outcome="ignored").inc()
+            log_event(logging.DEBUG, "event_ignored", event_id=event_id, reason=verdict.reason)
+            return
+        # One answer per event (Slack redelivers) and per message (a mention can also arrive as
+        # a `message` event). An event without an id is known by its envelope and message.
+        keys = [
+            f"msg:{verdict.channel}:{verdict.ts}",
+            f"event:{event_id}" if event_id else f"envelope:{envelope_id}",
+        ]
+        self.intake.take(verdict, received, metric_type, keys, retry_attempt)
+
+    def _on_assistant_thread(self, event: dict) -> None:
+        """A person opened a thread in the AI pane: offer the suggested prompts. Nothing about
+        the thread is remembered: any replica answers it and names it (``Answerer``)."""
+        thread = event.get("assistant_thread") or {}
+        channel, thread_ts = str(thread.get("channel_id") or ""), str(thread.get("thread_ts") or "")
+        if not (channel and thread_ts):
+            self.metrics.events.labels(type="assistant", outcome="rejected").inc()
+            return
+        self.metrics.events.labels(type="assistant", outcome="accepted").inc()
+        self.notifier.submit(
+            lambda: quietly(
+                self.surfaces.set_suggested_prompts,
+                channel=channel,
+                thread_ts=thread_ts,
+                prompts=self.prompts,
+            )
+        )
+
+    def _on_home_opened(self, event: dict) -> None:
+        user = str(event.get("user") or "")
+        if event.get("tab") != "home" or not user:
+            self.metrics.events.labels(type="app_home", outcome="ignored").inc()
+            return
+        self.metrics.events.labels(type="app_home", outcome="accepted").inc()
+        self.notifier.submit(
+            lambda: quietly(self.surfaces.publish_home, user=user, view=self.home()),
+            lane="home",
+            key=f"home:{user}",
+        )
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 13. Socket Mode
+# 14. Socket Mode
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 PING_INTERVAL_SECONDS = 3.0  # slack_sdk pings this often (its own stale check: 4 missed pongs)
@@ -4409,9 +4722,80 @@ HELLO_WAIT_SECONDS = 5.0  # a new connection that says no hello within this is r
 RECEIVE_BUFFER_BYTES = 512 * 1024  # slack_sdk's 1 KB default recurses per chunk on MB frames
 
 
+class Acks:
+    """Envelopes acked on the socket's reader thread, and handed on only once acked.
+
+    ``ack`` runs on the reader thread for every envelope frame, from its parsed top-level
+    ``envelope_id``, before anything else: handing the ack to slack_sdk's queue and listener
+    pool costs two thread switches, each waiting for the interpreter lock while workers stream
+    answers. The ack carries ``ack_payload``'s answer where Slack reads one (a modal's errors).
+    After SIGTERM nothing is acked, so Slack redelivers to another connection. ``hand_on`` runs
+    on slack_sdk's listener pool: it passes on an envelope ``ack`` acked, never one it did not
+    (Slack would redeliver it, and the redelivery is the one to answer).
+    """
+
+    def __init__(
+        self,
+        client: SocketModeClient,
+        health: Health,
+        metrics: Metrics,
+        on_request: Callable[[SocketModeRequest, float], None],
+        ack_payload: Callable[[str, dict], dict | None],
+    ):
+        self.client = client
+        self.health = health
+        self.metrics = metrics
+        self.on_request = on_request
+        self.ack_payload = ack_payload
+        # envelope_id -> monotonic arrival if acked, None if not (no usable id, or stopping);
+        # written by ``ack``, popped by ``hand_on``, which may run first (slack_sdk queues the
+        # frame for its listeners before it calls on_frame) and so waits for the entry.
+        self._acked: collections.OrderedDict[Any, float | None] = collections.OrderedDict()
+        self._acked_cv = threading.Condition()
+
+    def ack(self, frame: dict, now: float) -> None:
+        envelope_id = frame.get("envelope_id")
+        if envelope_id is None or isinstance(envelope_id, (dict, list)):
+            return
+        acked = isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
+        # Recorded before the ack goes out, so hand_on never misses an acked one.
+        with self._acked_cv:  # bounded: envelopes slack_sdk never handed on
+            bounded_put(self._acked, envelope_id, now if acked else None, 10_000)
+            self._acked_cv.notify_all()
+        if not acked:
+            return
+        ack: dict[str, Any] = {"envelope_id": envelope_id}
+        payload = frame.get("payload")
+        response = self.ack_payload(
+            str(frame.get("type")), payload if isinstance(payload, dict) else {}
+        )
+        if response is not None:
+            ack["payload"] = response
+        try:
+            self.client.send_socket_mode_response(ack)
+        except Exception:
+            with self._acked_cv:  # not acked after all: Slack will redeliver it
+                self._acked[envelope_id] = None
+            raise
+        self.metrics.ack_latency.observe(time.monotonic() - now)
+
+    def hand_on(self, client: Any, req: SocketModeRequest) -> None:
+        try:
+            with self._acked_cv:
+                # ``ack`` records before it acks, right after slack_sdk queues the frame.
+                self._acked_cv.wait_for(lambda: req.envelope_id in self._acked, timeout=10)
+                received = self._acked.pop(req.envelope_id, None)
+            if received is None or self.health.stopping:
+                return
+            self.on_request(req, received)
+        except Exception:
+            self.metrics.events.labels(type="other", outcome="rejected").inc()
+            log.exception("event_rejected", extra={"fields": {"envelope_type": req.type}})
+
+
 class SocketLink:
-    """The Socket Mode connection: opens it, acks envelopes on the reader thread, and keeps
-    /ready true only while a connection that said ``hello`` is alive.
+    """The Socket Mode connection: opens it, keeps /ready true only while a connection that
+    said ``hello`` is alive, and gives every frame to Acks first.
 
     slack_sdk's own reconnection is off (``auto_reconnect_enabled=False``): its stale check
     notices a connection that died without a close frame only after 4 pings, it does not retry
@@ -4425,22 +4809,20 @@ class SocketLink:
 
     def __init__(
         self,
-        config: Config,
+        app_token: str,
+        web: WebClient,
         health: Health,
         metrics: Metrics,
         on_request: Callable[[SocketModeRequest, float], None],
         on_auth_failed: Callable[[str, str], None],
         ack_payload: Callable[[str, dict], dict | None] = lambda envelope_type, payload: None,
     ):
-        self.config = config
         self.health = health
         self.metrics = metrics
-        self.on_request = on_request
         self.on_auth_failed = on_auth_failed
-        self.ack_payload = ack_payload
         self.client = SocketModeClient(
-            app_token=config.slack_app_token,
-            web_client=make_web_client(config),
+            app_token=app_token,
+            web_client=web,
             auto_reconnect_enabled=False,
             ping_interval=PING_INTERVAL_SECONDS,
             receive_buffer_size=RECEIVE_BUFFER_BYTES,
@@ -4448,12 +4830,8 @@ class SocketLink:
             on_message_listeners=[self.on_frame],
             on_close_listeners=[self._on_close],
         )
-        self.client.socket_mode_request_listeners.append(self._on_request)
-        # envelope_id -> monotonic arrival if acked, None if not (no usable id, or stopping);
-        # written by on_frame, popped by _on_request, which may run first (slack_sdk queues the
-        # frame for its listeners before it calls on_frame) and so waits for the entry.
-        self._acked: collections.OrderedDict[Any, float | None] = collections.OrderedDict()
-        self._acked_cv = threading.Condition()
+        self.acks = Acks(self.client, health, metrics, on_request, ack_payload)
+        self.client.socket_mode_request_listeners.append(self.acks.hand_on)
         self._hellos = 0
         self._alive_at = 0.0  # wall clock of the last frame (pongs are read from slack_sdk)
         self._attempt_at = 0.0  # monotonic time of the last connect started (ours or slack_sdk's)
@@ -4536,43 +4914,14 @@ class SocketLink:
 
     def on_frame(self, raw: str) -> None:
         """Runs on the socket's reader thread for every frame: must be cheap and never raise.
-
-        Envelopes are acked here, from the parsed top-level ``envelope_id``, before anything
-        else: handing the ack to slack_sdk's queue and listener pool costs two thread switches,
-        each waiting for the interpreter lock while workers stream answers. The ack carries
-        ``ack_payload``'s answer where Slack reads one (a modal's errors). After SIGTERM
-        nothing is acked, so Slack redelivers to another connection.
-        """
+        Envelopes go to Acks first; ``hello`` and ``disconnect`` move the connection state."""
         now = time.monotonic()
         self._alive_at = time.time()
         try:
             frame = json.loads(raw)
             if not isinstance(frame, dict):
                 return
-            envelope_id = frame.get("envelope_id")
-            if envelope_id is not None and not isinstance(envelope_id, (dict, list)):
-                acked = (
-                    isinstance(envelope_id, str) and bool(envelope_id) and not self.health.stopping
-                )
-                # Recorded before the ack goes out, so _on_request never misses an acked one.
-                with self._acked_cv:  # bounded: envelopes slack_sdk never handed on
-                    bounded_put(self._acked, envelope_id, now if acked else None, 10_000)
-                    self._acked_cv.notify_all()
-                if acked:
-                    ack: dict[str, Any] = {"envelope_id": envelope_id}
-                    payload = frame.get("payload")
-                    response = self.ack_payload(
-                        str(frame.get("type")), payload if isinstance(payload, dict) else {}
-                    )
-                    if response is not None:
-                        ack["payload"] = response
-                    try:
-                        self.client.send_socket_mode_response(ack)
-                    except Exception:
-                        with self._acked_cv:  # not acked after all: Slack will redeliver it
-                            self._acked[envelope_id] = None
-                        raise
-                    self.metrics.ack_latency.observe(time.monotonic() - now)
+            self.acks.ack(frame, now)
             kind = frame.get("type")
             if kind == "hello":
                 self._hellos += 1
@@ -4588,21 +4937,6 @@ class SocketLink:
         except Exception:
             log.debug("frame_inspect_failed", exc_info=True)
 
-    def _on_request(self, client: Any, req: SocketModeRequest) -> None:
-        """slack_sdk's listener pool: hand on an envelope ``on_frame`` acked; never one it did
-        not (Slack would redeliver it, and the redelivery is the one to answer)."""
-        try:
-            with self._acked_cv:
-                # on_frame records before it acks, right after slack_sdk queues the frame.
-                self._acked_cv.wait_for(lambda: req.envelope_id in self._acked, timeout=10)
-                received = self._acked.pop(req.envelope_id, None)
-            if received is None or self.health.stopping:
-                return
-            self.on_request(req, received)
-        except Exception:
-            self.metrics.events.labels(type="other", outcome="rejected").inc()
-            log.exception("event_rejected", extra={"fields": {"envelope_type": req.type}})
-
     def _no_delay(self) -> None:
         """TCP_NODELAY on the socket (slack_sdk sets it only behind a proxy): each ack is one
         small write, and Nagle would hold it until Slack ACKs the previous one."""
@@ -4617,7 +4951,10 @@ class SocketLink:
             log_event(logging.INFO, "slack_socket_closed", code=code)
 
     def _set_connected(self, value: bool) -> None:
-        self.health.connected = value
+        if value:
+            self.health.ready()
+        else:
+            self.health.waiting()
         self.metrics.socket_connected.set(1 if value else 0)
 
     def problem(self) -> str | None:
@@ -4646,16 +4983,13 @@ class SocketLink:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 14. Terminal: --ask and --eval
+# 15. Terminal: --check, --ask, --eval
 # ════════════════════════════════════════════════════════════════════════════════════════
 # The same prompt, retrieval, model call and sources as in Slack, without Slack: how a
 # knowledge curator checks a document change, how a newcomer tries the bot, and the gate
 # before merging a prompt or knowledge change.
 
 TERMINAL_ME = BotIdentity(user_id="ULEDGERBOT", bot_id="", team_id="")
-# Slack settings --ask and --eval never use; the gateway ones only the offline eval skips.
-UNUSED_SLACK = {"SLACK_BOT_TOKEN": "xoxb-not-used", "SLACK_APP_TOKEN": "xapp-not-used"}
-UNUSED_GATEWAY = {"LITELLM_DEVELOPER_KEY": "not-used", "LITELLM_BASE_URL": "http://gateway.invalid"}
 
 
 def terminal_question(text: str) -> Question:
@@ -4684,7 +5018,7 @@ class ModelAnswer:
 
 
 def answer_in_terminal(
-    config: Config,
+    gateway: GatewaySettings,
     messages: list[dict],
     choice: KnowledgeChoice,
     write: Callable[[str], Any] = lambda text: None,
@@ -4694,7 +5028,7 @@ def answer_in_terminal(
     failure = None
     try:
         for chunk in stream_completion(
-            config, messages, usage, user=gateway_user(config, "terminal", "you")
+            gateway, messages, usage, user=gateway_user(gateway.litellm_developer_key, "", "you")
         ):
             out = text.feed(chunk)
             shown.append(out)
@@ -4709,12 +5043,18 @@ def answer_in_terminal(
     )
 
 
-def run_ask(config: Config, question: str, out: Any) -> int:
+def run_ask(gateway: GatewaySettings, question: str, out: Any) -> int:
     """``--ask``: one question answered in the terminal; exit 0, or 1 if the gateway failed."""
-    kb = KnowledgeBase(load_knowledge(config.knowledge_path))
+    kb = KnowledgeBase(load_knowledge(gateway.knowledge_path))
+    model = gateway.ledger_bot_model
     try:
         messages, choice = build_prompt(
-            config, kb, terminal_question(question), [], TERMINAL_ME, token_counter(config)
+            kb,
+            terminal_question(question),
+            [],
+            TERMINAL_ME,
+            token_counter(model),
+            PromptBudget.for_model(model),
         )
     except QuestionTooLong:
         print(OUTCOMES["context_too_long"].notice, file=out)
@@ -4724,7 +5064,7 @@ def run_ask(config: Config, question: str, out: Any) -> int:
         out.write(text)
         out.flush()
 
-    result = answer_in_terminal(config, messages, choice, write)
+    result = answer_in_terminal(gateway, messages, choice, write)
     out.write("\n")
     if result.cited:
         out.write(
@@ -4753,12 +5093,15 @@ class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
 
 class EvalSpec(msgspec.Struct, forbid_unknown_fields=True):
     """An eval file (YAML or JSON): the questions, the knowledge folder (relative to the file;
-    default: LEDGER_BOT_KNOWLEDGE), LEDGER_BOT_* settings to evaluate under, ``k`` for the
-    ranked measures, and the floors that fail the run (any measure of the summary: ``recall``,
-    ``precision``, ``recall_at_k``, ``mrr``, ``ndcg_at_k`` offline; ``answers`` online)."""
+    default: LEDGER_BOT_KNOWLEDGE), the knowledge budget in tokens (default: the model's, as in
+    production; a small one measures retrieval instead of the whole-prompt path), LEDGER_BOT_*
+    settings to evaluate under, ``k`` for the ranked measures, and the floors that fail the run
+    (any measure of the summary: ``recall``, ``precision``, ``recall_at_k``, ``mrr``,
+    ``ndcg_at_k`` offline; ``answers`` online)."""
 
     questions: list[EvalQuestion]
     knowledge: str = ""
+    knowledge_budget: Annotated[int, msgspec.Meta(ge=1)] | None = None
     settings: dict[str, str] = {}
     thresholds: dict[str, float] = {}
     k: Annotated[int, msgspec.Meta(ge=1)] = 5
@@ -4834,14 +5177,21 @@ RANKED_MEASURES = ("recall_at_k", "mrr", "ndcg_at_k")
 
 
 def run_eval(
-    config: Config, spec: EvalSpec, spec_path: Path, *, online: bool, report: Path | None, out: Any
+    settings: KnowledgeSettings,
+    spec: EvalSpec,
+    spec_path: Path,
+    *,
+    report: Path | None,
+    out: Any,
 ) -> int:
     """``--eval``: per question, how the retrieval ranks the expected sections (recall@k, MRR,
     nDCG@k) and which reach the prompt (recall, precision); online, the answer through the
     gateway too (facts it must and must not contain, cited sections, seconds, cost). Prints a
     table; writes ``report`` as JSON and, beside it, a Markdown summary (``.md``); exit 1 if a
-    threshold is missed, 2 if the file names sections the knowledge does not have."""
-    root = (spec_path.parent / spec.knowledge) if spec.knowledge else config.knowledge_path
+    threshold is missed, 2 if the file names sections the knowledge does not have. Online when
+    ``settings`` name a gateway (GatewaySettings)."""
+    online = isinstance(settings, GatewaySettings)
+    root = (spec_path.parent / spec.knowledge) if spec.knowledge else settings.knowledge_path
     kb = KnowledgeBase(load_knowledge(root))
     unknown = sorted(
         {label for q in spec.questions for label in q.expect_sections}
@@ -4853,12 +5203,16 @@ def run_eval(
             file=out,
         )
         return EXIT_CONFIG
-    count = token_counter(config)
+    model = settings.ledger_bot_model
+    count = token_counter(model)
+    budget = PromptBudget.for_model(model)
+    if spec.knowledge_budget is not None:
+        budget = dataclasses.replace(budget, knowledge=spec.knowledge_budget)
     rows: list[dict[str, Any]] = []
     for q in spec.questions:
         thread = eval_thread(q.thread)
         asked = terminal_question(q.question)
-        messages, choice = build_prompt(config, kb, asked, thread, TERMINAL_ME, count)
+        messages, choice = build_prompt(kb, asked, thread, TERMINAL_ME, count, budget)
         ranked = [s.label for s in kb.rank(retrieval_query(asked.text, thread))]
         recall, precision = retrieval_scores(q.expect_sections, choice.labels)
         row: dict[str, Any] = {
@@ -4871,10 +5225,10 @@ def run_eval(
             "retrieved": list(choice.labels),
             "expected": q.expect_sections,
         }
-        if online:
-            row.update(_answer_checks(config, q, messages, choice))
+        if isinstance(settings, GatewaySettings):
+            row.update(_answer_checks(settings, q, messages, choice))
         rows.append(row)
-    summary = _eval_summary(config, spec, rows, online)
+    summary = _eval_summary(budget, spec, rows, online)
     _print_eval(rows, summary, spec.k, online, out)
     if report is not None:
         report.write_text(
@@ -4894,12 +5248,12 @@ def run_eval(
 
 
 def _answer_checks(
-    config: Config, q: EvalQuestion, messages: list[dict], choice: KnowledgeChoice
+    gateway: GatewaySettings, q: EvalQuestion, messages: list[dict], choice: KnowledgeChoice
 ) -> dict[str, Any]:
     """One golden question answered through the gateway and checked: the must / must-not
     facts, and citations (only expected sections; none at all where the knowledge cannot
     answer)."""
-    result = answer_in_terminal(config, messages, choice)
+    result = answer_in_terminal(gateway, messages, choice)
     lowered = result.text.lower()
     cited = [s.label for s in result.cited]
     checks: dict[str, Any] = {
@@ -4908,7 +5262,7 @@ def _answer_checks(
         "cited": cited,
         "cited_unexpected": [c for c in cited if c not in q.expect_sections],
         "seconds": round(result.seconds, 2),
-        "cost_usd": round(cost_usd(config, result.usage), 6),
+        "cost_usd": round(cost_usd(gateway.ledger_bot_model, result.usage), 6),
         "failure": result.failure.kind if result.failure else None,
     }
     checks["passed"] = not (
@@ -4918,14 +5272,14 @@ def _answer_checks(
 
 
 def _eval_summary(
-    config: Config, spec: EvalSpec, rows: list[dict[str, Any]], online: bool
+    budget: PromptBudget, spec: EvalSpec, rows: list[dict[str, Any]], online: bool
 ) -> dict[str, Any]:
     covered = [r for r in rows if r["expected"]]
     summary: dict[str, Any] = {
         "questions": len(rows),
         "covered": len(covered),
         "k": spec.k,
-        "knowledge_budget_tokens": knowledge_budget(config),
+        "knowledge_budget_tokens": budget.knowledge,
         "whole_knowledge": all(r["whole"] for r in rows),
         **{name: _mean([r[name] for r in rows]) for name in RANKED_MEASURES},
         "recall": _mean([r["recall"] for r in rows]),
@@ -5022,232 +5376,6 @@ def eval_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], k: int, o
     return "\n".join(lines) + "\n"
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 15. Lifecycle
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-
-class WorkerPool:
-    """A fixed set of worker threads over a bounded queue.
-
-    ``submit`` never blocks: it returns False when the queue is full so the caller can say
-    "busy". ``drain`` waits for queued and running jobs until a deadline; ``take_queued``
-    empties the queue (shutdown tells those people to ask again); ``close`` stops the threads.
-    """
-
-    def __init__(
-        self, handler: Callable[[Job], Any], workers: int, queue_size: int, metrics: Metrics
-    ):
-        self.handler = handler
-        self.metrics = metrics
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.busy = 0
-        self._busy_since: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self.threads = [
-            threading.Thread(target=self._run, name=f"answer-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self.threads:
-            t.start()
-
-    def submit(self, job: Job) -> bool:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            return False
-        self.metrics.queue_depth.set(self.queue.qsize())
-        return True
-
-    def _run(self) -> None:
-        name = threading.current_thread().name
-        while (job := self.queue.get()) is not None:
-            self.metrics.queue_depth.set(self.queue.qsize())
-            with self._lock:
-                self.busy += 1
-                self._busy_since[name] = time.monotonic()
-                self.metrics.workers_busy.set(self.busy)
-            try:
-                self.handler(job)
-            except Exception:
-                log.exception("worker_job_crashed")
-            finally:
-                with self._lock:
-                    self.busy -= 1
-                    self._busy_since.pop(name, None)
-                    self.metrics.workers_busy.set(self.busy)
-                    self._idle.notify_all()
-
-    def pending(self) -> int:
-        with self._lock:
-            return self.busy + self.queue.qsize()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running, at most ``timeout`` s; True if drained."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self.busy or self.queue.qsize():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(min(left, 0.1))
-        return True
-
-    def take_queued(self) -> list[Job]:
-        """Everything still waiting for a worker, removed from the queue."""
-        jobs = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                job = self.queue.get_nowait()
-                if job is not None:
-                    jobs.append(job)
-        self.metrics.queue_depth.set(0)
-        return jobs
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop every worker once its current job ends (waiting at most ``timeout`` s in all)."""
-        for _ in self.threads:
-            self.queue.put(None)
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-    def problem(self, stuck_after: float) -> str | None:
-        """Why the pool is unhealthy (a dead or wedged worker), or None."""
-        dead = [t.name for t in self.threads if not t.is_alive()]
-        if dead:
-            return f"worker threads died: {', '.join(dead)}"
-        now = time.monotonic()
-        with self._lock:
-            stuck = [n for n, since in self._busy_since.items() if now - since > stuck_after]
-        return (
-            f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}"
-            if stuck
-            else None
-        )
-
-
-class Bot:
-    """Everything that runs once the bot knows who it is: the Socket Mode link, the dispatcher,
-    the worker pool, the notices thread and the answerer; ``shutdown`` stops them all."""
-
-    def __init__(
-        self,
-        config: Config,
-        api: SlackApi,
-        me: BotIdentity,
-        health: Health,
-        knowledge: KnowledgeStore,
-        metrics: Metrics,
-        on_auth_failed: Callable[[str, str], None],
-    ):
-        self.config = config
-        self.health = health
-        self.metrics = metrics
-        self.notifier = Notifier()
-        self.answerer = Answerer(
-            config,
-            api,
-            me,
-            knowledge,
-            Limits(config),
-            metrics,
-            self.notifier,
-            make_llm_client(config),
-        )
-        self.pool = WorkerPool(
-            self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics
-        )
-        self.dispatcher = Dispatcher(config, me, self.answerer, self.pool, self.notifier, metrics)
-        self.link = SocketLink(
-            config,
-            health,
-            metrics,
-            self._on_request,
-            on_auth_failed,
-            ack_payload=self.dispatcher.ack_payload,
-        )
-        stuck_after = (
-            config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
-        )
-        health.liveness_checks[:] = [lambda: self.pool.problem(stuck_after), self.link.problem]
-
-    def _on_request(self, req: SocketModeRequest, received: float) -> None:
-        self.dispatcher.dispatch(
-            req.type,
-            req.payload or {},
-            received,
-            envelope_id=req.envelope_id,
-            retry_attempt=req.retry_attempt,
-        )
-
-    def connect(self, stop: threading.Event) -> bool:
-        return self.link.start(stop)
-
-    def shutdown(self, drain_seconds: float) -> bool:
-        """Stop taking events, finish in-flight answers within ``drain_seconds``, then end what
-        is left with "I'm restarting, please ask again" (outcome ``interrupted``) so no acked
-        question goes unanswered; stop every thread. True if everything was answered."""
-        self.health.stopping = True
-        self.link.close()
-        log_event(logging.INFO, "draining", in_flight=self.pool.pending(), grace_s=drain_seconds)
-        drained = self.pool.drain(drain_seconds)
-        if not drained:
-            queued = self.pool.take_queued()
-            interrupted = self.answerer.interrupt_open()
-            for job in queued:
-                if job.settle():
-                    self.answerer.refuse(job, "interrupted")
-            log_event(logging.ERROR, "drain_timeout", unfinished=interrupted + len(queued))
-        self.pool.close()
-        self.notifier.close(timeout=5)
-        self.answerer.close()
-        return drained
-
-
-# How often the main thread hands freed heap memory back to the OS while the bot runs.
-TRIM_EVERY_SECONDS = 30.0
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-def release_free_memory() -> bool:
-    """Return the C heap's free pages to the OS; True if any were released.
-
-    glibc gives each of the many worker threads its own heap arena, and memory freed in the
-    middle of an arena stays resident: RSS crept up 5.5-6.1 % over the 10,000-answer soak
-    after warm-up while tracemalloc showed the Python heap flat. ``malloc_trim`` gives those
-    pages back (4.0-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
-    Called by the main thread every TRIM_EVERY_SECONDS while the bot runs.
-    """
-    trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
-
-
-def _warm_litellm(config: Config) -> None:
-    """litellm-import: import litellm and register the alias, so the first question pays nothing."""
-    try:
-        t0 = time.monotonic()
-        register_alias(config)
-        token_counter(config)("warm-up")
-        log_event(
-            logging.DEBUG, "litellm_imported", latency_ms=round((time.monotonic() - t0) * 1000)
-        )
-    except Exception:
-        log.exception("litellm_import_failed")
-
-
 def run_check(config: Config, out: Any) -> int:
     """``--check``: Slack auth.test and one tiny gateway call; a PASS/FAIL report, exit 0/1."""
     ok = True
@@ -5259,7 +5387,9 @@ def run_check(config: Config, out: Any) -> int:
 
     report("config", True, "all variables valid")
     metrics = Metrics(prometheus_client.CollectorRegistry(), tuple(OUTCOMES))
-    api = SlackApi(make_web_client(config), RateBudget({}), metrics)
+    api = SlackApi(
+        make_web_client(config.slack_bot_token, config.slack_api_url), RateBudget({}), metrics
+    )
     try:
         me = api.auth_test()
         report("slack auth.test", True, f"bot user {me.user_id} in team {me.team_id}")
@@ -5328,6 +5458,272 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 16. Lifecycle
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+class WorkerPool:
+    """A fixed set of worker threads over a bounded queue.
+
+    ``submit`` never blocks: it returns False when the queue is full so the caller can say
+    "busy". ``drain`` waits for queued and running jobs until a deadline; ``take_queued``
+    empties the queue (shutdown tells those people to ask again); ``close`` stops the threads.
+    """
+
+    def __init__(
+        self, handler: Callable[[Job], Any], workers: int, queue_size: int, metrics: Metrics
+    ):
+        self.handler = handler
+        self.metrics = metrics
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._busy_since: dict[str, float] = {}  # worker thread name -> when it took its job
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.threads = [
+            threading.Thread(target=self._run, name=f"answer-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: Job) -> bool:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            return False
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return True
+
+    def _run(self) -> None:
+        name = threading.current_thread().name
+        while (job := self.queue.get()) is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
+            with self._lock:
+                self._busy_since[name] = time.monotonic()
+                self.metrics.workers_busy.set(self.busy)
+            try:
+                self.handler(job)
+            except Exception:
+                log.exception("worker_job_crashed")
+            finally:
+                with self._lock:
+                    self._busy_since.pop(name, None)
+                    self.metrics.workers_busy.set(self.busy)
+                    self._idle.notify_all()
+
+    @property
+    def busy(self) -> int:
+        """Workers answering a question right now."""
+        return len(self._busy_since)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self.busy + self.queue.qsize()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running, at most ``timeout`` s; True if drained."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.busy or self.queue.qsize():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    def take_queued(self) -> list[Job]:
+        """Everything still waiting for a worker, removed from the queue."""
+        jobs = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self.queue.get_nowait()
+                if job is not None:
+                    jobs.append(job)
+        self.metrics.queue_depth.set(0)
+        return jobs
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop every worker once its current job ends (waiting at most ``timeout`` s in all)."""
+        for _ in self.threads:
+            self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def problem(self, stuck_after: float) -> str | None:
+        """Why the pool is unhealthy (a dead or wedged worker), or None."""
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        if dead:
+            return f"worker threads died: {', '.join(dead)}"
+        now = time.monotonic()
+        with self._lock:
+            stuck = [n for n, since in self._busy_since.items() if now - since > stuck_after]
+        return (
+            f"workers stuck on one question for over {stuck_after:.0f}s: {', '.join(stuck)}"
+            if stuck
+            else None
+        )
+
+
+class Bot:
+    """Everything that runs once the bot knows who it is: the Socket Mode link, the dispatcher,
+    the worker pool, the notices threads and the answerer, each given the settings it uses;
+    ``shutdown`` stops them all."""
+
+    def __init__(
+        self,
+        config: Config,
+        slack: Slack,
+        me: BotIdentity,
+        health: Health,
+        knowledge: KnowledgeStore,
+        metrics: Metrics,
+        on_auth_failed: Callable[[str, str], None],
+    ):
+        self.health = health
+        self.notifier = Notifier()
+        limits = Limits(
+            rate_limit=config.ledger_bot_user_rate_limit,
+            daily_budget_usd=config.ledger_bot_daily_budget_usd,
+            user_daily_budget_usd=config.ledger_bot_user_daily_budget_usd,
+        )
+        self.notices = Notices(slack, Recorder(metrics))
+        self.answerer = Answerer(
+            slack,
+            me,
+            knowledge,
+            limits,
+            self.notices,
+            self.notifier,
+            config,
+            streaming=config.ledger_bot_streaming,
+            feedback=config.ledger_bot_feedback,
+            follow_ups=config.ledger_bot_follow_ups,
+            llm_client=make_llm_client(config),
+        )
+        self.pool = WorkerPool(
+            self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics
+        )
+        intake = Intake(
+            self.pool.submit,
+            self.notices,
+            self.notifier,
+            metrics,
+            allowed_channels=config.ledger_bot_allowed_channels,
+            allowed_users=config.ledger_bot_allowed_users,
+        )
+        interactions = Interactions(
+            intake,
+            slack.api,
+            slack.surfaces,
+            self.notifier,
+            metrics,
+            modal_key=modal_key(config.slack_bot_token),
+        )
+        prompts = config.suggested_prompts
+        self.dispatcher = Dispatcher(
+            me,
+            intake,
+            interactions,
+            slack.surfaces,
+            self.notifier,
+            metrics,
+            follow_ups=config.ledger_bot_follow_ups,
+            prompts=prompts,
+            home=lambda: home_view(
+                knowledge.current().sections, prompts=prompts, limits=limits.describe()
+            ),
+        )
+        self.link = SocketLink(
+            config.slack_app_token,
+            make_web_client(config.slack_bot_token, config.slack_api_url),
+            health,
+            metrics,
+            self._on_request,
+            on_auth_failed,
+            ack_payload=interactions.ack_payload,
+        )
+        stuck_after = (
+            config.ledger_bot_answer_max_seconds + config.ledger_bot_llm_timeout_seconds + 60
+        )
+        health.liveness_checks[:] = [lambda: self.pool.problem(stuck_after), self.link.problem]
+
+    def _on_request(self, req: SocketModeRequest, received: float) -> None:
+        self.dispatcher.dispatch(
+            req.type,
+            req.payload or {},
+            received,
+            envelope_id=req.envelope_id,
+            retry_attempt=req.retry_attempt,
+        )
+
+    def connect(self, stop: threading.Event) -> bool:
+        return self.link.start(stop)
+
+    def shutdown(self, drain_seconds: float) -> bool:
+        """Stop taking events, finish in-flight answers within ``drain_seconds``, then end what
+        is left with "I'm restarting, please ask again" (outcome ``interrupted``) so no acked
+        question goes unanswered; stop every thread. True if everything was answered."""
+        self.health.stop()
+        self.link.close()
+        log_event(logging.INFO, "draining", in_flight=self.pool.pending(), grace_s=drain_seconds)
+        drained = self.pool.drain(drain_seconds)
+        if not drained:
+            queued = self.pool.take_queued()
+            interrupted = self.notices.interrupt_open(self.answerer.open)
+            for job in queued:
+                if job.settle():
+                    self.notices.refuse(job, Refusal("interrupted"))
+            log_event(logging.ERROR, "drain_timeout", unfinished=interrupted + len(queued))
+        self.pool.close()
+        self.notifier.close(timeout=5)
+        self.answerer.close()
+        return drained
+
+
+# How often the main thread hands freed heap memory back to the OS while the bot runs.
+TRIM_EVERY_SECONDS = 30.0
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the OS; True if any were released.
+
+    glibc gives each of the many worker threads its own heap arena, and memory freed in the
+    middle of an arena stays resident: RSS crept up 5.5-6.1 % over the 10,000-answer soak
+    after warm-up while tracemalloc showed the Python heap flat. ``malloc_trim`` gives those
+    pages back (4.0-4.6 % with a trim every 5-30 s, no measurable CPU; README, Performance).
+    Called by the main thread every TRIM_EVERY_SECONDS while the bot runs.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+def _warm_litellm(model: str) -> None:
+    """litellm-import: import litellm and register the alias, so the first question pays nothing."""
+    try:
+        t0 = time.monotonic()
+        register_alias(model)
+        token_counter(model)("warm-up")
+        log_event(
+            logging.DEBUG, "litellm_imported", latency_ms=round((time.monotonic() - t0) * 1000)
+        )
+    except Exception:
+        log.exception("litellm_import_failed")
+
+
 class _Fatal:
     """The first reason the bot must exit 1 (a refused token), set from any thread."""
 
@@ -5364,52 +5760,56 @@ def main(
 ) -> int:
     """Run the bot until SIGTERM/SIGINT (or ``stop`` is set); returns the process exit code.
 
-    0: clean shutdown (or --check passed); 1: --check failed, or Slack rejected a token (at
-    start-up or while running); 2: bad configuration.
+    0: clean shutdown (or --check/--ask/--eval passed); 1: --check failed, Slack rejected a
+    token (at start-up or while running), --ask met a gateway failure, or --eval fell below a
+    threshold; 2: bad configuration or eval file. Each mode reads only the settings it uses
+    (KnowledgeSettings, GatewaySettings, Config).
     """
     args = parse_args(argv)
     env: dict[str, str] | os._Environ[str] = os.environ if environ is None else environ
     spec = None
+    kind: type[KnowledgeSettings] = Config
     if args.eval:
         try:
             spec = load_eval(args.eval)
         except EvalError as e:
             print(f"ledger-bot: {e}", file=sys.stderr)
             return EXIT_CONFIG
-        env = {
-            **(UNUSED_GATEWAY if not args.online else {}),
-            **UNUSED_SLACK,
-            **env,
-            **spec.settings,
-        }
+        env = {**env, **spec.settings}
+        kind = GatewaySettings if args.online else KnowledgeSettings
     elif args.ask:
-        env = {**UNUSED_SLACK, **env}
+        kind = GatewaySettings
     try:
-        config = load_config(env)
+        settings = load_config(env, kind)
     except ConfigError as e:
         print("ledger-bot: invalid configuration:", file=sys.stderr)
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
         print("See README.md (Configuration) or .env.example.", file=sys.stderr)
         return EXIT_CONFIG
-    redact.add_secrets(*(getattr(config, name.lower()) for name in SECRET_ENV_VARS))
-    if args.check or args.ask or spec is not None:
-        setup_logging("ERROR", "text", sys.stderr)
-    if args.check:
-        return run_check(config, sys.stdout)
-    if args.ask:
-        return run_ask(config, args.ask, sys.stdout)
+    redact.add_secrets(*(str(getattr(settings, n.lower(), "")) for n in SECRET_ENV_VARS))
     if spec is not None:
-        return run_eval(
-            config, spec, args.eval, online=args.online, report=args.report, out=sys.stdout
-        )
+        setup_logging("ERROR", "text", sys.stderr)
+        return run_eval(settings, spec, args.eval, report=args.report, out=sys.stdout)
+    if args.ask:
+        setup_logging("ERROR", "text", sys.stderr)
+        assert isinstance(settings, GatewaySettings)
+        return run_ask(settings, args.ask, sys.stdout)
+    assert isinstance(settings, Config)
+    if args.check:
+        setup_logging("ERROR", "text", sys.stderr)
+        return run_check(settings, sys.stdout)
+    return _run(settings, stop or threading.Event(), registry)
 
+
+def _run(
+    config: Config, stop: threading.Event, registry: prometheus_client.CollectorRegistry | None
+) -> int:
     setup_logging(config.log_level, config.log_format)
-    stop = stop or threading.Event()
     health = Health()
 
     def on_signal() -> None:
-        health.stopping = True  # /ready is 503 from here on, before the drain begins
+        health.stop()  # /ready is 503 from here on, before the drain begins
         stop.set()
 
     signals = Signals(on_signal) if threading.current_thread() is threading.main_thread() else None
@@ -5427,7 +5827,7 @@ def main(
         model=config.ledger_bot_model,
     )
     warm = threading.Thread(
-        target=_warm_litellm, args=(config,), name="litellm-import", daemon=True
+        target=_warm_litellm, args=(config.ledger_bot_model,), name="litellm-import", daemon=True
     )
     warm.start()
     try:
@@ -5441,9 +5841,7 @@ def main(
 def _serve(
     config: Config, health: Health, metrics: Metrics, stop: threading.Event, warm: threading.Thread
 ) -> int:
-    knowledge = KnowledgeStore(
-        config.knowledge_path, check_every=config.ledger_bot_knowledge_reload_seconds
-    )
+    knowledge = KnowledgeStore(config.knowledge_path)
     log_event(
         logging.INFO,
         "knowledge_loaded",
@@ -5451,9 +5849,8 @@ def _serve(
         sections=len(knowledge.current().sections),
     )
     fatal = _Fatal(stop)
-    api = SlackApi(
-        make_web_client(config), RateBudget(rate_limits(config)), metrics, on_auth_failed=fatal
-    )
+    web = make_web_client(config.slack_bot_token, config.slack_api_url)
+    api = SlackApi(web, RateBudget(rate_limits(config.ledger_bot_slack_rate_share)), metrics, fatal)
     me = None
     delays = backoff_delays()
     while not stop.is_set() and me is None:
@@ -5463,15 +5860,16 @@ def _serve(
             return EXIT_SLACK_AUTH
         except SlackError as e:
             wait = next(delays)
-            health.waiting_for = f"Slack Web API unreachable ({e.code}); retrying"
+            health.waiting(f"Slack Web API unreachable ({e.code}); retrying")
             log_event(logging.WARNING, "slack_unreachable", error=e.code, retry_in_s=round(wait, 1))
             stop.wait(wait)
     if me is None:
         log_event(logging.INFO, "stopped", reason="signal before start-up completed")
         return 0
-    health.waiting_for = NOT_CONNECTED
+    health.waiting()
     log_event(logging.INFO, "identity", user=me.user_id, bot_id=me.bot_id, team=me.team_id)
-    bot = Bot(config, api, me, health, knowledge, metrics, fatal)
+    slack = Slack(api, SlackSurfaces(api), SlackFiles(web))
+    bot = Bot(config, slack, me, health, knowledge, metrics, fatal)
     # Slack sends events to any open connection: open one only once answers can start at once.
     while warm.is_alive() and not stop.is_set():
         warm.join(0.1)

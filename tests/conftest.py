@@ -84,11 +84,30 @@ def env(slack, gateway):
         # Long enough that answers tests hold on purpose never time out on a busy machine;
         # the timeout tests set their own.
         "LEDGER_BOT_LLM_TIMEOUT_SECONDS": "30",
-        "LEDGER_BOT_LLM_MAX_RETRIES": "0",
         "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS": "10",
         "LEDGER_BOT_USER_RATE_LIMIT": "0",  # tests ask many questions as one user; limits have their own tests
         "LEDGER_BOT_KNOWLEDGE": str(ROOT / "knowledge"),
     }
+
+
+@pytest.fixture
+def tune(monkeypatch):
+    """Set ledger_bot's named constants for one test (what used to be settings nobody turns):
+    ``tune(STREAM_FLUSH_CHARS=20)``; ``tune(SLACK_RATE_TIERS={"chat.startStream": 8})`` sets
+    table entries. In-process bots only (start_bot): a subprocess has its own module."""
+    import ledger_bot
+
+    def tune(**constants) -> None:
+        for name, value in constants.items():
+            current = getattr(ledger_bot, name)  # AttributeError for a name that is not there
+            if isinstance(current, dict):
+                for key, item in value.items():
+                    assert key in current, f"{name} has no entry {key}"
+                    monkeypatch.setitem(current, key, item)
+            else:
+                monkeypatch.setattr(ledger_bot, name, value)
+
+    return tune
 
 
 @dataclass

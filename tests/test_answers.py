@@ -26,8 +26,10 @@ def answers(bot, outcome):
 # ── streaming ────────────────────────────────────────────────────────────────────────────
 
 
-def test_streamed_answer_arrives_whole_and_in_order_with_time_based_flushes(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="100000", LEDGER_BOT_STREAM_FLUSH_SECONDS="0.2")
+def test_streamed_answer_arrives_whole_and_in_order_with_time_based_flushes(start_bot, slack, socket_mode, gateway,
+                                                                           tune):
+    tune(STREAM_FLUSH_CHARS=100_000, STREAM_FLUSH_SECONDS=0.2)
+    start_bot()
     text = " ".join(f"word{i}" for i in range(40))
     gateway.script(Script(text=text, chunk_size=10, chunk_delay=0.05))
     msg, _ = mention(slack, socket_mode)
@@ -44,8 +46,9 @@ def test_streamed_answer_arrives_whole_and_in_order_with_time_based_flushes(star
 
 
 def test_text_buffered_when_the_model_goes_quiet_is_shown_without_waiting_for_more(
-        start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="100000", LEDGER_BOT_STREAM_FLUSH_SECONDS="0.3")
+        start_bot, slack, socket_mode, gateway, tune):
+    tune(STREAM_FLUSH_CHARS=100_000, STREAM_FLUSH_SECONDS=0.3)
+    start_bot()
     release = threading.Event()
     gateway.script(Script(text="first second third fourth", chunk_size=6, pause_after_chunks=3, pause=30))
     gateway.shutdown = release  # the pause ends when the test says so
@@ -67,8 +70,10 @@ def test_answer_that_repeats_a_chunk_many_times_arrives_whole(start_bot, slack, 
     assert replies(slack, "C100", msg["ts"]) == [table]
 
 
-def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_doubled(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="20", LEDGER_BOT_STREAM_FLUSH_SECONDS="5")
+def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_doubled(start_bot, slack, socket_mode, gateway,
+                                                                                  tune):
+    tune(STREAM_FLUSH_CHARS=20, STREAM_FLUSH_SECONDS=5)
+    start_bot()
     first_half = "First half of the answer, streamed. " * 3
     second_half = "Second half, after the stream expired."
     gateway.script(Script(text=first_half + second_half, chunk_size=len(first_half)))
@@ -82,8 +87,10 @@ def test_stream_that_dies_halfway_finishes_by_update_with_nothing_lost_or_double
     assert len(slack.calls_to("chat.startStream")) == 1 and slack.calls_to("chat.update")
 
 
-def test_gateway_dropping_mid_answer_ends_the_stream_with_a_notice_not_a_spinner(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="1")
+def test_gateway_dropping_mid_answer_ends_the_stream_with_a_notice_not_a_spinner(start_bot, slack, socket_mode, gateway,
+                                                                                  tune):
+    tune(STREAM_FLUSH_CHARS=1)
+    start_bot()
     gateway.script(Script(text="Partial answer that gets cut off here", chunk_size=8, cut_after_chunks=2))
     msg, _ = mention(slack, socket_mode)
     texts = replies(slack, "C100", msg["ts"])
@@ -105,8 +112,9 @@ def test_stream_refused_from_the_start_falls_back_to_posting(start_bot, slack, s
     assert posted["blocks"][1]["type"] == "context_actions"
 
 
-def test_long_streamed_answer_with_code_rolls_over_within_limits(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="3000")
+def test_long_streamed_answer_with_code_rolls_over_within_limits(start_bot, slack, socket_mode, gateway, tune):
+    tune(STREAM_FLUSH_CHARS=3000)
+    start_bot()
     block = "```sql\n" + "\n".join(f"select {i} from gl_je_lines;" for i in range(300)) + "\n```\n\n"
     answer = "Here are the queries.\n\n" + block * 4 + "Done."
     assert len(answer) > 30_000
@@ -147,11 +155,12 @@ def test_small_knowledge_is_sent_whole_marked_for_caching(start_bot, slack, sock
     assert 'source="ledger-bot.md § ledger-bot > Reporting a bad answer"' in content[1]["text"]
 
 
-def test_large_knowledge_sends_only_relevant_sections(start_bot, slack, socket_mode, gateway, tmp_path):
+def test_large_knowledge_sends_only_relevant_sections(start_bot, slack, socket_mode, gateway, tmp_path, tune):
     (tmp_path / "journals.md").write_text("# Journal import\n" + "The journal import reads GL_INTERFACE rows. " * 40)
     (tmp_path / "fx.md").write_text("# FX revaluation\n" + "Revaluation runs at month end with the corporate rate. " * 40)
     (tmp_path / "filler.txt").write_text("# Filler\n" + "unrelated cafeteria menu text " * 4000)
-    start_bot(LEDGER_BOT_KNOWLEDGE=str(tmp_path), LEDGER_BOT_CONTEXT_TOKENS="8192", LEDGER_BOT_KNOWLEDGE_SHARE="0.3")
+    tune(context_tokens=lambda model: 8192, KNOWLEDGE_SHARE=0.3)
+    start_bot(LEDGER_BOT_KNOWLEDGE=str(tmp_path))
     msg, _ = mention(slack, socket_mode, "why does the journal import skip GL_INTERFACE rows?")
     replies(slack, "C100", msg["ts"])
     text, content = system_text(gateway.requests[0])
@@ -160,8 +169,9 @@ def test_large_knowledge_sends_only_relevant_sections(start_bot, slack, socket_m
     assert "cache_control" not in content[1]
 
 
-def test_question_too_long_for_the_model_is_refused_without_calling_it(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_CONTEXT_TOKENS="4096", LEDGER_BOT_MAX_OUTPUT_TOKENS="256", LEDGER_BOT_HISTORY_MAX_CHARS="1000000")
+def test_question_too_long_for_the_model_is_refused_without_calling_it(start_bot, slack, socket_mode, gateway, tune):
+    tune(context_tokens=lambda model: 4096, ANSWER_MAX_TOKENS=256, HISTORY_MAX_CHARS=1_000_000)
+    start_bot()
     msg, _ = mention(slack, socket_mode, "ledger " * 6000)
     notice = replies(slack, "C100", msg["ts"])[0]
     assert "too long" in notice and gateway.requests == []
@@ -240,8 +250,9 @@ def test_feedback_click_is_logged_with_ref_and_thanked_ephemerally(start_bot, sl
 # ── limits and metrics ───────────────────────────────────────────────────────────────────
 
 
-def test_rate_limited_user_gets_one_friendly_reply(start_bot, slack, socket_mode, gateway):
-    bot = start_bot(LEDGER_BOT_USER_RATE_LIMIT="1", LEDGER_BOT_USER_RATE_WINDOW_SECONDS="600")
+def test_rate_limited_user_gets_one_friendly_reply(start_bot, slack, socket_mode, gateway, tune):
+    tune(USER_RATE_WINDOW_SECONDS=600)
+    bot = start_bot(LEDGER_BOT_USER_RATE_LIMIT="1")
     first, _ = mention(slack, socket_mode, "one")
     replies(slack, "C100", first["ts"])
     second, _ = mention(slack, socket_mode, "two")

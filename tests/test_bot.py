@@ -226,7 +226,7 @@ def test_gateway_failure_becomes_friendly_reply_and_next_question_works(
 
 def test_upstream_errors_are_left_to_the_gateway_but_a_short_retry_after_is_honoured(
         start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_LLM_MAX_RETRIES="1")
+    start_bot()
     gateway.script(Script(status=503))  # the gateway has retried upstream already: no stacking
     first, _ = mention(slack, socket_mode, "one")
     assert "gateway is down" in replies(slack, "C100", first["ts"])[0]
@@ -376,7 +376,7 @@ def test_gateway_failures_each_get_their_own_outcome_and_notice(start_bot, slack
 
 
 def test_slow_first_token_times_out_within_the_setting_and_is_not_retried(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_LLM_TIMEOUT_SECONDS="2", LEDGER_BOT_LLM_MAX_RETRIES="3")
+    start_bot(LEDGER_BOT_LLM_TIMEOUT_SECONDS="2")
     gateway.script(Script(first_token_delay=20))
     msg, _ = mention(slack, socket_mode)
     started = time.monotonic()
@@ -408,6 +408,13 @@ def test_gateway_is_told_who_asked_without_slack_ids_and_tagged(start_bot, slack
     assert first["user"] == second["user"] and first["user"].startswith("lb-")
     assert "U42" not in first["user"] and TEAM not in first["user"]
     assert first["metadata"]["tags"] == ["ledger-bot", "env:local"]
+
+
+def test_gateway_spend_is_tagged_with_the_environment(start_bot, slack, socket_mode, gateway):
+    start_bot(LEDGER_BOT_ENVIRONMENT="staging")
+    msg, _ = mention(slack, socket_mode)
+    replies(slack, "C100", msg["ts"])
+    assert gateway.requests[0].body["metadata"]["tags"] == ["ledger-bot", "env:staging"]
 
 
 def test_the_main_thread_returns_free_memory_to_the_os_while_it_waits(start_bot, monkeypatch):

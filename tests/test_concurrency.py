@@ -138,10 +138,11 @@ def test_dms_are_governed_by_the_user_allow_list_not_the_channel_list(start_bot,
     assert len(gateway.requests) == 1
 
 
-def test_a_busy_refusal_does_not_use_up_the_persons_rate_limit(start_bot, slack, socket_mode, gateway):
+def test_a_busy_refusal_does_not_use_up_the_persons_rate_limit(start_bot, slack, socket_mode, gateway, tune):
     # The held answer must outlast the whole test (the default 5 s could expire on a busy machine).
+    tune(USER_RATE_WINDOW_SECONDS=600)
     start_bot(LEDGER_BOT_WORKERS="1", LEDGER_BOT_QUEUE_SIZE="1", LEDGER_BOT_USER_RATE_LIMIT="2",
-              LEDGER_BOT_USER_RATE_WINDOW_SECONDS="600", LEDGER_BOT_LLM_TIMEOUT_SECONDS="60")
+              LEDGER_BOT_LLM_TIMEOUT_SECONDS="60")
     release = threading.Event()
     gateway.default = lambda body: Script(release=release)
     first, _ = mention(slack, socket_mode, "one", user="U3")
@@ -156,8 +157,9 @@ def test_a_busy_refusal_does_not_use_up_the_persons_rate_limit(start_bot, slack,
     assert replies(slack, "C100", fourth["ts"]) == ["The answer is 42."]
 
 
-def test_a_long_thread_gives_the_model_its_newest_messages(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_HISTORY_MAX_MESSAGES="10")
+def test_a_long_thread_gives_the_model_its_newest_messages(start_bot, slack, socket_mode, gateway, tune):
+    tune(HISTORY_MAX_MESSAGES=10)
+    start_bot()
     root = slack.add_message("C100", user="U1", text="a very long incident thread")
     for i in range(450):
         slack.add_message("C100", user="U1", text=f"update {i}", thread_ts=root["ts"])

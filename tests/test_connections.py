@@ -79,7 +79,8 @@ def config_for(server: KeepAliveServer) -> lb.Config:
 
 
 def test_slack_calls_from_one_thread_share_one_connection(server):
-    web = lb.make_web_client(config_for(server))
+    config = config_for(server)
+    web = lb.make_web_client(config.slack_bot_token, config.slack_api_url)
     for _ in range(5):
         web.api_call("auth.test")
     web.api_call("chat.postMessage", json={"channel": "C1", "text": "hello"})

@@ -465,7 +465,9 @@ def test_the_bots_modal_is_accepted(slack):
 
 
 def test_the_bots_home_tab_is_accepted(slack):
-    view = lb.home_view(lb.load_knowledge(ROOT / "knowledge"), config())
+    limits = lb.Limits(rate_limit=10, daily_budget_usd=50, user_daily_budget_usd=5)
+    view = lb.home_view(lb.load_knowledge(ROOT / "knowledge"), prompts=list(lb.DEFAULT_PROMPTS),
+                        limits=limits.describe())
     assert call(slack, "views.publish", user_id="U1", view=view)["ok"]
     assert slack.views["U1"]["blocks"] == view["blocks"]
 

@@ -265,9 +265,10 @@ def test_ask_about_new_ledger_lines_sends_the_shipped_knowledge_with_its_answer(
 
 
 def test_changed_knowledge_is_used_by_the_next_question_and_a_broken_file_keeps_the_old(
-        start_bot, slack, socket_mode, gateway, tmp_path, capsys):
+        start_bot, slack, socket_mode, gateway, tmp_path, capsys, tune):
     folder = knowledge_dir(tmp_path, **{"gl.md": "# Import\nThe old fact about imports.\n"})
-    start_bot(LEDGER_BOT_KNOWLEDGE=str(folder), LEDGER_BOT_KNOWLEDGE_RELOAD_SECONDS="0")
+    tune(KNOWLEDGE_RELOAD_SECONDS=0)
+    start_bot(LEDGER_BOT_KNOWLEDGE=str(folder))
 
     def system_prompt_of(n: int) -> str:
         msg, _ = mention(slack, socket_mode, f"question {n}")

@@ -355,7 +355,7 @@ def test_runbook_names_only_environment_variables_the_bot_reads():
     config_env = {field.name.upper() for field in msgspec.structs.fields(ledger_bot().Config)}
     named = set(re.findall(r"\b(?:SLACK|LITELLM|LEDGER_BOT|HEALTH|LOG)_[A-Z0-9_]*[A-Z0-9]\b", runbook_text()))
     assert named - config_env - LITELLM_ENV == set(), "runbook names variables that are not Config fields"
-    knobs = {"LEDGER_BOT_USER_RATE_LIMIT", "LEDGER_BOT_USER_RATE_WINDOW_SECONDS", "LEDGER_BOT_DAILY_BUDGET_USD",
+    knobs = {"LEDGER_BOT_USER_RATE_LIMIT", "LEDGER_BOT_DAILY_BUDGET_USD",
              "LEDGER_BOT_USER_DAILY_BUDGET_USD", "LEDGER_BOT_SHUTDOWN_GRACE_SECONDS"}
     assert knobs <= named, f"runbook should document the knobs {sorted(knobs - named)}"
 

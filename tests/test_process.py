@@ -40,7 +40,7 @@ def test_check_passes_against_healthy_upstreams(env):
 def test_check_fails_and_says_which_upstream(env, slack, gateway):
     slack.fail("auth.test", error="invalid_auth")
     gateway.script(Script(status=500))
-    proc = run_subprocess(["--check"], {**env, "LEDGER_BOT_LLM_MAX_RETRIES": "0"})
+    proc = run_subprocess(["--check"], env)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "FAIL  slack auth.test: Slack refused the bot token (invalid_auth)" in out
@@ -88,7 +88,7 @@ def test_a_rollout_that_outlasts_the_drain_ends_the_answer_with_a_notice_and_cou
         spawn_bot, slack, socket_mode, gateway):
     """SIGTERM 3 s into a 40 s answer with a 2 s drain: the person is told to ask again, the
     stream is stopped, and the outcome is logged (Kubernetes then has 20 s of grace left)."""
-    bot = spawn_bot(LEDGER_BOT_SHUTDOWN_GRACE_SECONDS="2", LEDGER_BOT_STREAM_FLUSH_CHARS="5")
+    bot = spawn_bot(LEDGER_BOT_SHUTDOWN_GRACE_SECONDS="2")
     wait_for(lambda: bot.get("/ready")[0] == 200, 20, "/ready 200")
     gateway.script(Script(text="A slow answer. " * 40, chunk_size=15, chunk_delay=1))
     msg = slack.add_message("C100", user="U1", text=f"<@{BOT_USER}> a long question")

@@ -59,7 +59,6 @@ def bot_via_proxy(start_bot, proxy):
             "LITELLM_BASE_URL": proxy.api_base,
             "LITELLM_DEVELOPER_KEY": BOT_KEY,
             "LEDGER_BOT_LLM_TIMEOUT_SECONDS": str(TIMEOUT),
-            "LEDGER_BOT_LLM_MAX_RETRIES": "",  # unset: the bot's default, as deployed
             **overrides,
         })
 
@@ -152,10 +151,11 @@ def test_gateway_failure_through_the_real_proxy(bot_via_proxy, proxy, slack, soc
     wait_for(lambda: answers(bot, outcome) == before + 1, 5, f"ledger_bot_answers_total{{outcome={outcome}}} + 1")
 
 
-def test_upstream_dying_mid_stream_through_the_real_proxy(bot_via_proxy, proxy, slack, socket_mode, capsys):
+def test_upstream_dying_mid_stream_through_the_real_proxy(bot_via_proxy, proxy, slack, socket_mode, capsys, tune):
     # The proxy turns the upstream's dropped connection into an SSE error event (code "500")
     # after the chunks it already sent, then [DONE]; it cannot retry a stream already under way.
-    bot = bot_via_proxy(LEDGER_BOT_STREAM_FLUSH_CHARS="1")
+    tune(STREAM_FLUSH_CHARS=1)
+    bot = bot_via_proxy()
     proxy.upstream.script(Script(text="Partial answer that gets cut off here", chunk_size=8, cut_after_chunks=2))
     before = answers(bot, "gateway_error")
     texts, seconds, line = ask(slack, socket_mode, capsys)
@@ -196,7 +196,7 @@ def test_questions_at_the_proxys_keep_alive_boundary_are_all_answered(start_bot,
     proxy = start_proxy(real_proxy.upstream, tmp_path, keepalive_seconds=1)
     try:
         start_bot(LITELLM_BASE_URL=proxy.api_base, LITELLM_DEVELOPER_KEY=BOT_KEY,
-                  LEDGER_BOT_LLM_TIMEOUT_SECONDS=str(TIMEOUT), LEDGER_BOT_LLM_MAX_RETRIES="")
+                  LEDGER_BOT_LLM_TIMEOUT_SECONDS=str(TIMEOUT))
         shown = []
         for i in range(15):
             msg, _ = mention(slack, socket_mode, f"question {i} at the boundary")

@@ -12,8 +12,9 @@ from test_bot import log_lines, mention, replies
 
 
 def test_stop_button_means_stopped_nothing_more_is_posted_and_the_gateway_stream_is_closed(
-        start_bot, slack, socket_mode, gateway, capsys):
-    bot = start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="10", LEDGER_BOT_STREAM_FLUSH_SECONDS="0.05")
+        start_bot, slack, socket_mode, gateway, capsys, tune):
+    tune(STREAM_FLUSH_CHARS=10, STREAM_FLUSH_SECONDS=0.05)
+    bot = start_bot()
     gateway.script(Script(text="A long answer " * 200, chunk_size=14, chunk_delay=0.02))
     msg, _ = mention(slack, socket_mode)
     stream = wait_for(lambda: slack.calls_to("chat.startStream") and slack.bot_replies("C100", msg["ts"]), 10,
@@ -28,8 +29,9 @@ def test_stop_button_means_stopped_nothing_more_is_posted_and_the_gateway_stream
     assert 'ledger_bot_answers_total{outcome="stopped_by_user"} 1.0' in bot.get("/metrics")[1]
 
 
-def test_a_stream_that_fails_mid_way_is_stopped_before_it_is_updated(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_STREAM_FLUSH_CHARS="10")
+def test_a_stream_that_fails_mid_way_is_stopped_before_it_is_updated(start_bot, slack, socket_mode, gateway, tune):
+    tune(STREAM_FLUSH_CHARS=10)
+    start_bot()
     slack.fail("chat.appendStream", error="internal_error", times=50)
     gateway.script(Script(text="Never left streaming, never doubled.", chunk_size=6, chunk_delay=0.02))
     msg, _ = mention(slack, socket_mode)
@@ -41,10 +43,11 @@ def test_a_stream_that_fails_mid_way_is_stopped_before_it_is_updated(start_bot, 
     assert not any(m.get("streaming") for m in slack.bot_replies("C100", msg["ts"]))
 
 
-def test_twenty_answers_at_once_stay_inside_the_tiers_and_arrive_whole(start_bot, slack, socket_mode, gateway):
-    start_bot(LEDGER_BOT_WORKERS="20", LEDGER_BOT_STREAM_FLUSH_CHARS="50", LEDGER_BOT_STREAM_FLUSH_SECONDS="0.05",
-              LEDGER_BOT_SLACK_RATE_LIMITS="chat.startStream=8,chat.appendStream=30,chat.stopStream=8",
-              LEDGER_BOT_SLACK_RATE_SHARE="1")
+def test_twenty_answers_at_once_stay_inside_the_tiers_and_arrive_whole(start_bot, slack, socket_mode, gateway,
+                                                                       tune):
+    tune(STREAM_FLUSH_CHARS=50, STREAM_FLUSH_SECONDS=0.05,
+         SLACK_RATE_TIERS={"chat.startStream": 8, "chat.appendStream": 30, "chat.stopStream": 8})
+    start_bot(LEDGER_BOT_WORKERS="20", LEDGER_BOT_SLACK_RATE_SHARE="1")
     slack.tiers.update({"chat.startStream": 8, "chat.appendStream": 30, "chat.stopStream": 8})
     texts = {i: f"Answer {i}: " + " ".join(f"w{i}-{j}" for j in range(120)) for i in range(20)}
     gateway.default = lambda body: Script(text=texts[int(body["messages"][-1]["content"].split("#")[1])],

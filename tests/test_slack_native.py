@@ -100,12 +100,13 @@ def test_thread_shortcut_obeys_the_allow_list(start_bot, slack, socket_mode, gat
 
 
 def test_home_tab_shows_purpose_documents_and_limits_but_no_usage(start_bot, slack, socket_mode, gateway,
-                                                                  tmp_path):
+                                                                  tmp_path, tune):
     folder = tmp_path / "kb"
     folder.mkdir()
     (folder / "publisher.md").write_text("# GL Publisher\nintro\n## Retries\nhow retries work\n")
+    tune(KNOWLEDGE_RELOAD_SECONDS=0)
     start_bot(LEDGER_BOT_KNOWLEDGE=str(folder), LEDGER_BOT_USER_RATE_LIMIT="10",
-              LEDGER_BOT_USER_DAILY_BUDGET_USD="5", LEDGER_BOT_KNOWLEDGE_RELOAD_SECONDS="0")
+              LEDGER_BOT_USER_DAILY_BUDGET_USD="5")
     socket_mode.send_event({"type": "app_home_opened", "user": "U1", "channel": "D1", "tab": "home"})
     view = wait_for(lambda: slack.views.get("U1"), 5, "the Home tab")
     text = json.dumps(view, ensure_ascii=False)

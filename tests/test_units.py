@@ -3,6 +3,7 @@ LLM messages, splitting long answers, knowledge selection, limits."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -11,6 +12,9 @@ import threading
 import pytest
 from conftest import SECRETS
 from fakes import wait_for
+from slack_sdk import WebClient
+from slack_sdk.socket_mode.builtin.client import SocketModeClient
+from slack_sdk.socket_mode.builtin.connection import Connection
 
 import ledger_bot as lb
 
@@ -44,9 +48,16 @@ def test_every_bad_variable_is_reported_at_once_without_its_value():
 
 def test_lists_booleans_and_case_are_parsed_as_people_write_them():
     config = lb.load_config({**VALID, "LEDGER_BOT_ALLOWED_CHANNELS": " C1, C2 ,", "LEDGER_BOT_FOLLOW_UPS": "TRUE",
-                             "LOG_LEVEL": "debug"})
+                             "LOG_LEVEL": "debug", "LOG_FORMAT": "Text"})
     assert config.ledger_bot_allowed_channels == ("C1", "C2")
-    assert config.ledger_bot_follow_ups is True and config.log_level == "DEBUG"
+    assert config.ledger_bot_follow_ups is True and config.log_level == "DEBUG" and config.log_format == "text"
+
+
+def test_each_terminal_mode_reads_only_the_settings_it_uses():
+    assert lb.load_config({}, lb.KnowledgeSettings).knowledge_path == lb.DEFAULT_KNOWLEDGE  # offline --eval
+    with pytest.raises(lb.ConfigError) as err:
+        lb.load_config({}, lb.GatewaySettings)  # --ask, --eval --online: no Slack token asked for
+    assert [p.split(":")[0] for p in err.value.problems] == ["LITELLM_DEVELOPER_KEY", "LITELLM_BASE_URL"]
 
 
 # ── redaction ────────────────────────────────────────────────────────────────────────────
@@ -192,10 +203,10 @@ def test_relevant_sections_are_chosen_when_the_whole_base_does_not_fit():
 
 def test_rate_limit_says_when_to_try_again_and_recovers_after_the_window():
     now = [1_000_000.0]
-    limits = lb.Limits(lb.load_config({**VALID, "LEDGER_BOT_USER_RATE_LIMIT": "2"}), clock=lambda: now[0])
+    limits = lb.Limits(rate_limit=2, daily_budget_usd=50, user_daily_budget_usd=5, clock=lambda: now[0])
     assert isinstance(limits.admit("U1"), lb.Reservation) and isinstance(limits.admit("U1"), lb.Reservation)
     refusal = limits.admit("U1")
-    assert refusal.outcome == "user_rate_limited" and "try again in 60 seconds" in refusal.notice
+    assert refusal.outcome == "user_rate_limited" and "try again in 60 seconds" in refusal.text
     assert isinstance(limits.admit("U2"), lb.Reservation)
     now[0] += 61
     assert isinstance(limits.admit("U1"), lb.Reservation)
@@ -204,9 +215,7 @@ def test_rate_limit_says_when_to_try_again_and_recovers_after_the_window():
 def test_daily_budgets_per_user_and_in_total_reset_at_utc_midnight():
     day = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     now = [day + 3600]
-    config = lb.load_config({**VALID, "LEDGER_BOT_USER_DAILY_BUDGET_USD": "1", "LEDGER_BOT_DAILY_BUDGET_USD": "3",
-                             "LEDGER_BOT_USER_RATE_LIMIT": "0"})
-    limits = lb.Limits(config, clock=lambda: now[0])
+    limits = lb.Limits(rate_limit=0, daily_budget_usd=3, user_daily_budget_usd=1, clock=lambda: now[0])
     limits.settle(limits.admit("U1"), 1.0)
     assert limits.admit("U1").outcome == "user_budget_exhausted"
     limits.settle(limits.admit("U2"), 2.5)
@@ -217,9 +226,7 @@ def test_daily_budgets_per_user_and_in_total_reset_at_utc_midnight():
 
 
 def test_questions_arriving_together_reserve_budget_so_they_cannot_overspend():
-    config = lb.load_config({**VALID, "LEDGER_BOT_DAILY_BUDGET_USD": "1", "LEDGER_BOT_USER_DAILY_BUDGET_USD": "0",
-                             "LEDGER_BOT_USER_RATE_LIMIT": "0"})
-    limits = lb.Limits(config)
+    limits = lb.Limits(rate_limit=0, daily_budget_usd=1, user_daily_budget_usd=0)
     admitted = [r for r in (limits.admit(f"U{i}", reserve_usd=0.3) for i in range(30))
                 if isinstance(r, lb.Reservation)]
     assert len(admitted) == 3  # 3 x 0.30 fits in 1.00; the 4th would not
@@ -239,40 +246,40 @@ def test_without_images_takes_back_exactly_what_with_images_added():
 
 
 def test_cost_comes_from_the_registered_prices_with_anthropic_cache_rates():
-    config = lb.load_config(VALID)
-    assert lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000)) == pytest.approx(3.0)
-    assert lb.cost_usd(config, lb.Usage(completion_tokens=1_000_000)) == pytest.approx(15.0)
+    model = lb.load_config(VALID).ledger_bot_model  # a gateway alias litellm does not know: Sonnet 4.5's prices
+    assert lb.cost_usd(model, lb.Usage(prompt_tokens=1_000_000)) == pytest.approx(3.0)
+    assert lb.cost_usd(model, lb.Usage(completion_tokens=1_000_000)) == pytest.approx(15.0)
     # Cache reads at 0.1x and cache writes at 1.25x of the input price.
-    read = lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000))
-    written = lb.cost_usd(config, lb.Usage(prompt_tokens=1_000_000, cache_creation_tokens=1_000_000))
+    read = lb.cost_usd(model, lb.Usage(prompt_tokens=1_000_000, cached_tokens=1_000_000))
+    written = lb.cost_usd(model, lb.Usage(prompt_tokens=1_000_000, cache_creation_tokens=1_000_000))
     assert read == pytest.approx(0.3) and written == pytest.approx(3.75)
 
 
 def test_cost_is_what_litellm_computes_for_the_registered_alias():
-    config = lb.load_config(VALID)
-    lb.register_alias(config)
+    model = lb.load_config(VALID).ledger_bot_model
+    lb.register_alias(model)
     for usage in (lb.Usage(prompt_tokens=12_345, completion_tokens=678, cached_tokens=9_000,
                            cache_creation_tokens=2_000),
                   lb.Usage(prompt_tokens=500, completion_tokens=40),
                   lb.Usage(prompt_tokens=100, cached_tokens=100)):
         prompt, completion = lb._litellm().cost_per_token(
-            model=lb.model_id(config), prompt_tokens=usage.prompt_tokens,
+            model=lb.model_id(model), prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, cache_read_input_tokens=usage.cached_tokens,
             cache_creation_input_tokens=usage.cache_creation_tokens)
-        assert lb.cost_usd(config, usage) == pytest.approx(prompt + completion, rel=1e-9)
+        assert lb.cost_usd(model, usage) == pytest.approx(prompt + completion, rel=1e-9)
 
 
 def test_token_counts_are_remembered_per_text():
-    config = lb.load_config(VALID)
-    count = lb.token_counter(config)
+    model = lb.load_config(VALID).ledger_bot_model
+    count = lb.token_counter(model)
     text = "Reverse the journal in the next open period. " * 200
     before = lb._count_remembered.cache_info()
     first = count(text)
-    assert count(text) == first == lb._litellm().token_counter(model=lb.model_id(config), text=text)
+    assert count(text) == first == lb._litellm().token_counter(model=lb.model_id(model), text=text)
     after = lb._count_remembered.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
-    assert count("Reverse the journal.") == lb._litellm().token_counter(model=lb.model_id(config),
-                                                                         text="Reverse the journal.")
+    assert count("Reverse the journal.") == lb._litellm().token_counter(model=lb.model_id(model),
+                                                                        text="Reverse the journal.")
     assert lb._count_remembered.cache_info() == after  # a short text is counted, not kept
     assert after.maxsize == 16  # one-off long texts cannot pile up
     assert count("") == 0
@@ -299,11 +306,13 @@ def test_health_turns_503_when_a_worker_is_stuck_and_recovers_when_it_finishes()
 
 def test_ready_only_while_connected_and_never_after_stop_begins():
     health = lb.Health()
-    assert health.ready() == (False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"})
-    health.connected = True
-    assert health.ready()[0] is True
-    health.stopping = True
-    assert health.ready()[0] is False and health.ready()[1]["status"] == "stopping"
+    assert health.readiness() == (False, {"status": "not_ready", "reason": "no live Slack Socket Mode connection"})
+    health.ready()
+    assert health.readiness()[0] is True
+    health.stop()
+    assert health.readiness()[0] is False and health.readiness()[1]["status"] == "stopping"
+    health.ready()  # a reconnect while draining does not make it ready again
+    assert health.readiness()[1]["status"] == "stopping"
 
 
 # ── memory ───────────────────────────────────────────────────────────────────────────────
@@ -386,13 +395,12 @@ def test_rate_budget_is_a_sliding_window_per_method_and_per_channel_for_posts():
     assert not budget.take("chat.update")
 
 
-def test_rate_share_and_overrides_come_from_one_table():
-    config = lb.load_config({**VALID, "LEDGER_BOT_SLACK_RATE_LIMITS": "chat.appendStream=60",
-                             "LEDGER_BOT_SLACK_RATE_SHARE": "0.5"})
-    limits = lb.rate_limits(config)
-    assert limits["chat.appendStream"] == 30 and limits["chat.startStream"] == 10
-    with pytest.raises(lb.ConfigError):
-        lb.load_config({**VALID, "LEDGER_BOT_SLACK_RATE_LIMITS": "appendStream"})
+def test_every_rate_budget_is_this_replicas_share_of_slacks_one_tier_table():
+    share = lb.load_config({**VALID, "LEDGER_BOT_SLACK_RATE_SHARE": "0.5"}).ledger_bot_slack_rate_share
+    limits = lb.rate_limits(share)
+    assert limits.keys() == lb.SLACK_RATE_TIERS.keys()
+    assert limits["chat.appendStream"] == 50 and limits["chat.startStream"] == 10
+    assert limits["chat.postMessage"] == 60  # per channel: not shared between replicas
 
 
 def test_every_outcome_has_a_level_and_failures_have_notices():
@@ -418,8 +426,8 @@ def test_answer_text_shows_everything_but_the_last_sources_line(chunks, shown, l
 
 
 class StubSlack:
-    """A SlackApi stand-in for Reply's own logic: streams work, chat.stopStream can be made
-    to fail, and every call is recorded."""
+    """A SlackApi (and SlackSurfaces) stand-in for Reply's own logic: streams work,
+    chat.stopStream can be made to fail, and every call is recorded."""
 
     def __init__(self, stop_error=None, post_failures=0):
         self.calls, self.stop_error, self.streaming = [], stop_error, set()
@@ -429,19 +437,20 @@ class StubSlack:
         self.calls.append(("status", kw["thread_ts"]))
         return True
 
-    def start_stream(self, **kw):
-        self.calls.append(("start", kw["markdown"]))
-        self.streaming.add("S1")
-        return "S1"
-
-    def append_stream(self, **kw):
-        self.calls.append(("append", kw["markdown"]))
-
-    def stop_stream(self, **kw):
-        self.calls.append(("stop", kw.get("markdown", "")))
+    def call(self, method, **kw):
+        if method == "chat.startStream":
+            self.calls.append(("start", kw["markdown_text"]))
+            self.streaming.add("S1")
+            return {"ok": True, "ts": "S1"}
+        if method == "chat.appendStream":
+            self.calls.append(("append", kw["markdown_text"]))
+            return {"ok": True}
+        assert method == "chat.stopStream", method
+        self.calls.append(("stop", kw.get("markdown_text") or ""))
         if self.stop_error:
             raise lb.SlackError("chat.stopStream", self.stop_error)
         self.streaming.discard(kw["ts"])
+        return {"ok": True}
 
     def post_message(self, **kw):
         if self.post_failures:
@@ -454,55 +463,135 @@ class StubSlack:
         self.calls.append(("update", kw["markdown"]))
 
 
-def stub_reply(api):
-    q = lb.Question(event_id="e", kind="mention", channel="C1", user="U1", team="T1", text="q", ts="1.0",
-                    thread_ts="1.0", in_thread=False)
-    metrics = lb.Metrics(lb.new_registry(), tuple(lb.OUTCOMES))
-    reply = lb.Reply(api, q, "lb-1", streaming=True, flush_chars=1, flush_seconds=0.01, feedback=True,
-                     received=0.0, metrics=metrics)
-    reply.final_wait = 0.1
-    reply.show_feedback()
-    return reply
+def a_question() -> lb.Question:
+    return lb.Question(event_id="e", kind="mention", channel="C1", user="U1", team="T1", text="q", ts="1.0",
+                       thread_ts="1.0", in_thread=False)
 
 
-def test_a_stream_that_cannot_be_stopped_ends_in_a_posted_message():
+@pytest.fixture
+def stub_reply(tune):
+    tune(STREAM_FLUSH_CHARS=1, STREAM_FLUSH_SECONDS=0.01, FINAL_WAIT_SECONDS=0.1)
+
+    def make(api):
+        metrics = lb.Metrics(lb.new_registry(), tuple(lb.OUTCOMES))
+        reply = lb.Reply(api, api, a_question(), "lb-1", streaming=True, feedback=True, received=0.0,
+                         metrics=metrics)
+        reply.show_feedback()
+        return reply
+
+    return make
+
+
+def test_a_stream_that_cannot_be_stopped_ends_in_a_posted_message(stub_reply, tune):
     api = StubSlack(stop_error="internal_error")
     reply = stub_reply(api)
     reply.add("Shown first.")
-    reply.flush_chars = 10_000
+    tune(STREAM_FLUSH_CHARS=10_000)
     reply.add(" And the tail.")
     reply.finish()
     assert api.calls[-1] == ("post", " And the tail.")
+    assert reply.state == "finished"
 
 
-def test_a_failed_final_delivery_still_gets_a_notice_out():
+def test_a_failed_final_delivery_still_gets_a_notice_out(stub_reply):
     api = StubSlack(stop_error="internal_error")
     reply = stub_reply(api)
     reply.add("All of it shown.")
     with pytest.raises(lb.SlackError):
         reply.finish()  # nothing left to carry the ending: the reply is not finished
+    assert reply.state == "closing"
     assert reply.fail("Sorry, Slack failed. (ref `lb-1`)")
     assert api.calls[-1] == ("post", "Sorry, Slack failed. (ref `lb-1`)")
+    assert reply.state == "failed"
 
 
-def test_shutdown_ends_a_reply_and_its_worker_stops_reading():
+def test_shutdown_ends_a_reply_and_its_worker_stops_reading(stub_reply):
     api = StubSlack()
     reply = stub_reply(api)
     reply.add("Partial")
+    assert reply.state == "streaming"
     assert reply.interrupt("I'm restarting (ref `lb-1`)")
     with pytest.raises(lb.Interrupted):
         reply.add(" more text the model keeps sending")
     assert not reply.fail("late notice") and api.streaming == set()
     assert api.calls[-1] == ("stop", " I'm restarting (ref `lb-1`)".replace(" I", "\n\nI"))
+    assert reply.state == "interrupted"
 
 
-def test_the_status_is_renewed_while_the_model_is_silent_and_not_after_text():
+def test_the_status_is_renewed_while_the_model_is_silent_and_not_after_text(stub_reply):
     api = StubSlack()
     reply = stub_reply(api)
-    reply.status_at -= lb.STATUS_RENEW_SECONDS + 1  # Slack clears it after two minutes
+    reply.feedback.status_at -= lb.STATUS_RENEW_SECONDS + 1  # Slack clears it after two minutes
     reply.flush_if_due()
     assert [c for c in api.calls if c[0] == "status"] == [("status", "1.0")] * 2
     reply.add("First text.")
-    reply.status_at -= lb.STATUS_RENEW_SECONDS + 1
+    reply.feedback.status_at -= lb.STATUS_RENEW_SECONDS + 1
     reply.flush_if_due()
     assert len([c for c in api.calls if c[0] == "status"]) == 2  # a post clears it anyway
+
+
+def test_a_reply_moves_only_as_its_table_says():
+    assert set(lb.REPLY_MOVES) == lb.OPEN_STATES | lb.ENDED_STATES | {"closing"}
+    assert all(not lb.REPLY_MOVES[state] for state in lb.ENDED_STATES)  # an ended reply stays ended
+    reply = lb.Reply(StubSlack(), StubSlack(), a_question(), "lb-1", streaming=True, feedback=False, received=0.0,
+                     metrics=lb.Metrics(lb.new_registry(), tuple(lb.OUTCOMES)))
+    with pytest.raises(AssertionError, match="no move from thinking to finished"):
+        reply._to("finished")
+
+
+# ── what the module relies on ────────────────────────────────────────────────────────────
+
+
+def _litellm_stream_response():
+    """A streaming completion from litellm against a local server, as stream_completion gets it."""
+    import http.server
+
+    class SSE(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: [DONE]\n\n'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SSE)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        return lb._litellm().completion(model="litellm_proxy/x", messages=[{"role": "user", "content": "hi"}],
+                                        api_base=url, api_key="k", stream=True, max_retries=0)
+    finally:
+        server.shutdown()
+
+
+RELIANCE_CHECKS = {
+    "slack_sdk WebClient._perform_urllib_http_request_internal(url, req)": lambda: list(
+        inspect.signature(WebClient._perform_urllib_http_request_internal).parameters) == ["self", "url", "req"],
+    "slack_sdk WebClient.proxy and .ssl": lambda: all(
+        hasattr(WebClient(token="xoxb-x"), name) for name in ("proxy", "ssl")),
+    "slack_sdk SocketModeClient.connect_operation_lock": lambda: hasattr(
+        SocketModeClient(app_token="xapp-x", auto_reconnect_enabled=False).connect_operation_lock, "locked"),
+    "slack_sdk SocketModeClient.current_session.last_ping_pong_time": lambda: "last_ping_pong_time" in inspect.getsource(
+        Connection.__init__) and "current_session" in inspect.getsource(SocketModeClient.__init__),
+    "slack_sdk SocketModeClient.current_session.sock": lambda: "self.sock" in inspect.getsource(Connection.connect),
+    "slack_sdk SocketModeClient.message_processor": lambda: hasattr(
+        SocketModeClient(app_token="xapp-x", auto_reconnect_enabled=False).message_processor, "is_alive"),
+    "litellm streaming response .completion_stream (an openai Stream with .response)": lambda: hasattr(
+        _litellm_stream_response().completion_stream.response, "iter_lines"),
+    "litellm.model_cost entries with max_input_tokens and the four prices": lambda: set(lb.MODEL_FACTS) <= set(
+        lb._litellm().model_cost[lb.FALLBACK_MODEL]),
+}
+
+
+def test_every_reliance_on_a_dependencys_internals_is_listed_and_checked():
+    assert RELIANCE_CHECKS.keys() == lb.RELIED_ON.keys()
+
+
+@pytest.mark.parametrize("reliance", sorted(lb.RELIED_ON))
+def test_a_dependency_still_has_what_the_module_relies_on(reliance):
+    assert RELIANCE_CHECKS[reliance](), f"{reliance} changed: {lb.RELIED_ON[reliance]}"

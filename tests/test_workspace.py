@@ -268,7 +268,7 @@ def test_bytes_that_are_not_the_image_they_claim_never_reach_the_model(start_bot
 
 def test_a_pooled_connection_the_gateway_closed_as_the_request_went_out_is_retried_fresh(
         start_bot, slack, socket_mode, gateway, capsys):
-    start_bot(LEDGER_BOT_LLM_MAX_RETRIES="1")
+    start_bot()
     first, _ = mention(slack, socket_mode, "warm the pool")
     replies(slack, "C100", first["ts"])
     gateway.script(Script(drop_connection=True))
@@ -281,7 +281,7 @@ def test_a_pooled_connection_the_gateway_closed_as_the_request_went_out_is_retri
 
 
 def test_a_refused_gateway_connection_is_retried_once_then_told(start_bot, slack, socket_mode, gateway, capsys):
-    start_bot(LEDGER_BOT_LLM_MAX_RETRIES="1", LITELLM_BASE_URL="http://127.0.0.1:9/api/v2")
+    start_bot(LITELLM_BASE_URL="http://127.0.0.1:9/api/v2")
     msg, _ = mention(slack, socket_mode)
     assert "gateway is down" in replies(slack, "C100", msg["ts"])[0]
     lines = log_lines(capsys.readouterr().out)
@@ -311,13 +311,15 @@ def test_a_429_on_the_post_that_replaces_a_stream_is_a_wait_not_an_error(start_b
     assert len(slack.calls_to("chat.postMessage")) == 2
 
 
-def test_every_question_in_a_burst_shows_something_at_once(start_bot, slack, socket_mode, gateway):
+def test_every_question_in_a_burst_shows_something_at_once(start_bot, slack, socket_mode, gateway, tune):
     """Once the status and stream budgets are spent, a question still shows that it was heard:
     a 👀 on it, from the reactions budget."""
-    start_bot(LEDGER_BOT_WORKERS="40", LEDGER_BOT_SLACK_RATE_LIMITS="assistant.threads.setStatus=10")
+    tune(SLACK_RATE_TIERS={"assistant.threads.setStatus": 10})
+    start_bot(LEDGER_BOT_WORKERS="40")
     release = threading.Event()
     gateway.default = lambda body: Script(release=release)
-    asked = [mention(slack, socket_mode, f"q{i}", channel=f"C{i % 4 + 1}00")[0] for i in range(30)]
+    # 30 people (one person's daily budget holds ~27 reservations at once).
+    asked = [mention(slack, socket_mode, f"q{i}", channel=f"C{i % 4 + 1}00", user=f"U{i}")[0] for i in range(30)]
 
     def heard(m: dict) -> bool:
         key = f"{m.get('channel', '')}"
