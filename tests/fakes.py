@@ -280,6 +280,11 @@ VIEW_BLOCKS_LIMIT = 100
 VIEW_BYTES_LIMIT = 250 * 1024  # views.open / views.publish: view_too_large "greater than 250kb"
 TEXT_OBJECT_LIMIT = 3_000
 LOADING_MESSAGES_LIMIT, LOADING_MESSAGE_CHARS = 10, 50
+# Task chunks of a stream (docs.slack.dev "chunks": task_update): a title and status, details and
+# output "limited to 256 characters"; sources are url source elements; a plan's task ids unique.
+TASK_STATUSES = frozenset({"pending", "in_progress", "complete", "error"})
+TASK_TEXT_LIMIT = 256
+TASK_DISPLAY_MODES = frozenset({"timeline", "plan"})
 SUGGESTED_PROMPTS_LIMIT = 4
 RESPONSE_URL_USES, RESPONSE_URL_SECONDS = 5, 30 * 60
 TRIGGER_SECONDS = 3.0
@@ -525,6 +530,25 @@ class FileScript:
     data: bytes
     redirect_to: str | None = None  # answer 302 to this URL instead of the bytes
     trickle: float | None = None  # serve one byte at a time, this many seconds apart
+
+
+def _check_task(chunk: dict) -> dict:
+    """A task_update chunk as Slack takes it (invalid_chunks otherwise): an ``id``, a ``title``
+    and a ``status`` of TASK_STATUSES; ``details`` and ``output`` strings of at most 256
+    characters; ``sources`` url source elements (``type`` url, ``url``, ``text``)."""
+    ok = (isinstance(chunk.get("id"), str) and chunk["id"]
+          and isinstance(chunk.get("title"), str) and 0 < len(chunk["title"]) <= TASK_TEXT_LIMIT
+          and chunk.get("status") in TASK_STATUSES
+          and all(isinstance(chunk.get(k, ""), str) and len(chunk.get(k, "")) <= TASK_TEXT_LIMIT
+                  for k in ("details", "output")))
+    sources = chunk.get("sources", [])
+    ok = ok and isinstance(sources, list) and all(
+        isinstance(s, dict) and s.get("type") == "url" and isinstance(s.get("url"), str)
+        and re.match(r"^https?://\S+$", s["url"]) and isinstance(s.get("text"), str) and s["text"]
+        for s in sources)
+    if not ok:
+        raise SlackRefusal("invalid_chunks")
+    return chunk
 
 
 class FakeSlack:
@@ -1061,9 +1085,11 @@ class FakeSlack:
     # streaming ---------------------------------------------------------------------------
 
     @staticmethod
-    def _stream_text(p: dict) -> str:
-        """The markdown a stream call carries: ``markdown_text`` (at most 12,000 characters:
-        msg_too_long) and the text of its markdown_text chunks (chunk types: invalid_chunks)."""
+    def _stream_content(p: dict) -> tuple[str, list[dict], str | None]:
+        """What a stream call carries: its text (``markdown_text``, at most 12,000 characters:
+        msg_too_long; or the text of its markdown_text chunks), its task_update chunks, and its
+        mode ("markdown_text", "chunks", or None when it carries neither). Both at once:
+        cannot_provide_both_markdown_text_and_chunks; a malformed chunk: invalid_chunks."""
         text = p.get("markdown_text") or ""
         if not isinstance(text, str):
             raise SlackRefusal("invalid_arguments", "must be a string [json-pointer:/markdown_text]")
@@ -1072,6 +1098,9 @@ class FakeSlack:
         chunks = p.get("chunks")
         if chunks is not None and not isinstance(chunks, list):
             raise SlackRefusal("invalid_chunks")
+        if text and chunks:
+            raise SlackRefusal("cannot_provide_both_markdown_text_and_chunks")
+        tasks = []
         for chunk in chunks or []:
             if not isinstance(chunk, dict) or chunk.get("type") not in ("markdown_text", "task_update", "plan_update"):
                 raise SlackRefusal("invalid_chunks")
@@ -1079,7 +1108,31 @@ class FakeSlack:
                 if not isinstance(chunk.get("text"), str) or len(chunk["text"]) > MARKDOWN_TEXT_LIMIT:
                     raise SlackRefusal("invalid_chunks")
                 text += chunk["text"]
-        return text
+            elif chunk["type"] == "task_update":
+                tasks.append(_check_task(chunk))
+            elif not isinstance(chunk.get("title"), str) or len(chunk["title"]) > TASK_TEXT_LIMIT:
+                raise SlackRefusal("invalid_chunks")
+        mode = "chunks" if chunks else ("markdown_text" if text else None)
+        return text, tasks, mode
+
+    def _stream_mode(self, ts: str, mode: str | None) -> None:
+        """A stream keeps the mode it started with: "If you started the stream with
+        `markdown_text`, you must append with `markdown_text`..." (streaming_mode_mismatch)."""
+        with self._lock:
+            stream = self.streams.get(ts)
+            if stream is None or mode is None:
+                return
+            if stream.get("mode") not in (None, mode):
+                raise SlackRefusal("streaming_mode_mismatch")
+            stream["mode"] = mode
+
+    def _apply_tasks(self, msg: dict, tasks: list[dict]) -> None:
+        """Tasks by id, as Slack shows them: title and status replace, output appends."""
+        with self._lock:
+            shown = msg.setdefault("tasks", {})
+            for task in tasks:
+                old = shown.get(task["id"], {})
+                shown[task["id"]] = {**old, **task, "output": old.get("output", "") + task.get("output", "")}
 
     def _m_chat_startStream(self, p: dict) -> dict:
         channel = str(p["channel"])
@@ -1091,10 +1144,13 @@ class FakeSlack:
             if not p.get("recipient_team_id"):
                 return {"ok": False, "error": "missing_recipient_team_id"}
         self._not_in(channel)
-        text = self._stream_text(p)
+        if p.get("task_display_mode") is not None and p["task_display_mode"] not in TASK_DISPLAY_MODES:
+            raise SlackRefusal("invalid_arguments", "must be one of timeline, plan [json-pointer:/task_display_mode]")
+        text, tasks, mode = self._stream_content(p)
         msg = self._bot_message(channel, p.get("thread_ts"), text=text, streaming=True)
+        self._apply_tasks(msg, tasks)
         with self._lock:
-            self.streams[msg["ts"]] = {"channel": channel, "state": "streaming"}
+            self.streams[msg["ts"]] = {"channel": channel, "state": "streaming", "mode": mode}
         return {"ok": True, "channel": channel, "ts": msg["ts"]}
 
     def _stream_msg(self, p: dict) -> dict | None:
@@ -1105,21 +1161,23 @@ class FakeSlack:
         return msg
 
     def _m_chat_appendStream(self, p: dict) -> dict:
-        if p.get("markdown_text") is None and p.get("chunks") is None:
-            raise SlackRefusal("invalid_arguments", "missing required field: markdown_text")
-        text = self._stream_text(p)
+        if not p.get("markdown_text") and not p.get("chunks"):
+            return {"ok": False, "error": "markdown_text_or_chunks_required"}
+        text, tasks, mode = self._stream_content(p)
         self._not_in(str(p["channel"]))
         if self.streams.get(p["ts"], {}).get("state") == "stopped_by_user":
             return {"ok": False, "error": "stopped_by_user"}
         msg = self._stream_msg(p)
         if msg is None:
             return {"ok": False, "error": "message_not_in_streaming_state"}
+        self._stream_mode(str(p["ts"]), mode)
+        self._apply_tasks(msg, tasks)
         with self._lock:
             msg["text"] = msg.get("text", "") + text
         return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
 
     def _m_chat_stopStream(self, p: dict) -> dict:
-        text = self._stream_text(p)
+        text, tasks, mode = self._stream_content(p)
         if p.get("blocks") is not None:
             check_blocks(p["blocks"], too_many="msg_blocks_too_many")
         self._check_metadata(p.get("metadata"))
@@ -1127,6 +1185,8 @@ class FakeSlack:
         msg = self._stream_msg(p)
         if msg is None:
             return {"ok": False, "error": "message_not_in_streaming_state"}
+        self._stream_mode(str(p["ts"]), mode)
+        self._apply_tasks(msg, tasks)
         with self._lock:
             msg["text"] = msg.get("text", "") + text
             msg["streaming"] = False
@@ -1221,6 +1281,10 @@ class Script:
     # when a pooled keep-alive connection is closed by the server (uvicorn's 5 s idle timeout, a
     # load balancer's) just as the request goes out.
     drop_connection: bool = False
+    # Tool calls the model makes after ``text`` (which may be ""): (name, arguments as a dict,
+    # or as the raw string the model wrote). The response then ends with finish_reason
+    # "tool_calls", as the proxy streams it from Bedrock (tools_stream below).
+    tool_calls: list[tuple[str, dict | str]] = field(default_factory=list)
 
 
 @dataclass
@@ -1238,6 +1302,62 @@ def gateway_error(message: str, type_: str, code: int) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": str(code)}}
 
 
+# What a LiteLLM proxy in front of Bedrock Converse answers, before any token (HTTP 400), when a
+# request breaks Bedrock's rules for tools (litellm 1.110.2, converse_transformation.py; the
+# Bedrock text as Bedrock's ValidationException states it).
+BEDROCK_NO_TOOL_CONFIG = gateway_error(
+    'litellm.BadRequestError: BedrockException - {"message":"The toolConfig field must be defined '
+    'when using toolUse and toolResult content blocks."}', "invalid_request_error", 400)
+BEDROCK_NO_TOOL_CHOICE_NONE = gateway_error(
+    "litellm.UnsupportedParamsError: Bedrock doesn't support tool_choice=none. To drop it from the "
+    "call, set `litellm.drop_params = True.", "invalid_request_error", 400)
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def tool_rule_broken(body: dict) -> dict | None:
+    """The 400 body a Bedrock-backed proxy answers ``body`` with, if it breaks a rule for tools:
+    tool_choice "none"; tool history (assistant tool_calls, tool messages) without ``tools``;
+    a tool definition Bedrock refuses; a tool call whose arguments are not a JSON object; a
+    call not answered by a ``tool`` message right after it, or a result for no call; a result
+    whose content is not a string."""
+    if body.get("tool_choice") == "none":
+        return BEDROCK_NO_TOOL_CHOICE_NONE
+    messages = body.get("messages") or []
+    history = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    if history and not body.get("tools"):
+        return BEDROCK_NO_TOOL_CONFIG
+    for tool in body.get("tools") or []:
+        fn = tool.get("function") or {}
+        if tool.get("type") != "function" or not _TOOL_NAME.match(str(fn.get("name", ""))) \
+                or (fn.get("parameters") or {}).get("type") != "object":
+            return gateway_error(f"litellm.BadRequestError: BedrockException - invalid tool {fn.get('name')!r}",
+                                 "invalid_request_error", 400)
+    for n, m in enumerate(messages):
+        if m.get("role") == "tool" and (n == 0 or not isinstance(m.get("content"), str)):
+            return gateway_error(f"messages.{n}: a tool result must follow a tool call and be text",
+                                 "invalid_request_error", 400)
+        if not m.get("tool_calls"):
+            continue
+        wanted = []
+        for call in m["tool_calls"]:
+            try:
+                ok = isinstance(json.loads(call["function"]["arguments"]), dict)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                return gateway_error(f"messages.{n}: tool call arguments must be a JSON object",
+                                     "invalid_request_error", 400)
+            wanted.append(call.get("id"))
+        answered = [r.get("tool_call_id") for r in itertools.takewhile(
+            lambda r: r.get("role") == "tool", messages[n + 1:])]
+        if sorted(map(str, answered)) != sorted(map(str, wanted)):
+            return gateway_error(
+                "litellm.BadRequestError: BedrockException - {\"message\":\"Expected toolResult blocks at "
+                f"messages.{n + 1}.content for the following Ids: {', '.join(map(str, wanted))}\"}}",
+                "invalid_request_error", 400)
+    return None
+
+
 # As LiteLLM 1.110.2 answers (see /api/v2 wire notes in tests/proxy/): 422 for a spent key budget.
 BUDGET_EXCEEDED = gateway_error("Budget has been exceeded! Current cost: 10.2, Max budget: 10.0",
                                 "budget_exceeded", 422)
@@ -1246,9 +1366,10 @@ BUDGET_EXCEEDED = gateway_error("Budget has been exceeded! Current cost: 10.2, M
 class FakeGateway:
     """OpenAI-compatible ``/api/v2/chat/completions`` streaming SSE like the LiteLLM proxy.
 
-    As strict as the proxy: a key other than ``keys`` answers 401, a model alias it does not
-    serve answers 400; scripts add upstream errors, budgets, slow tokens and mid-stream error
-    events (``Script.error_after_chunks``)."""
+    As strict as the proxy in front of Bedrock: a key other than ``keys`` answers 401, a model
+    alias it does not serve answers 400, and so does a request that breaks Bedrock's rules for
+    tools (``tool_rule_broken``); scripts add upstream errors, budgets, slow tokens, mid-stream
+    error events (``Script.error_after_chunks``) and tool calls (``Script.tool_calls``)."""
 
     def __init__(self, server: HTTPServer, keys: frozenset[str] | None = None) -> None:
         self.server = server
@@ -1286,6 +1407,9 @@ class FakeGateway:
             return Response(json.dumps(gateway_error(f"Invalid model name passed in model={body.get('model')}.",
                                                      "invalid_request_error", 400)),
                             status=400, mimetype="application/json")
+        broken = tool_rule_broken(body)
+        if broken is not None:
+            return Response(json.dumps(broken), status=400, mimetype="application/json")
         s = self._next(body)
         if s.drop_connection:
             request.environ["werkzeug.socket"].shutdown(_SHUT_RDWR)
@@ -1317,11 +1441,15 @@ class FakeGateway:
                 self.shutdown.wait(s.chunk_delay)
             if s.pause_after_chunks is not None and n == s.pause_after_chunks:
                 self.shutdown.wait(s.pause)
+            if not piece and s.tool_calls:
+                break  # no text before the calls: the first chunk is the first call's
             delta = {"content": piece} if n else {"role": "assistant", "content": piece}
             yield _sse_line({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                              "model": body.get("model"), "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+        yield from tools_stream(body, s, first=not s.text)
+        finish = "tool_calls" if s.tool_calls else "stop"
         yield _sse_line({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                         "model": body.get("model"), "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                         "model": body.get("model"), "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         yield _sse_line({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                          "model": body.get("model"), "choices": [],
                          "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
@@ -1331,6 +1459,26 @@ class FakeGateway:
 
 def _sse_line(obj: dict) -> str:
     return "data: " + json.dumps(obj) + "\n\n"
+
+
+def tools_stream(body: dict, s: Script, *, first: bool):
+    """``s.tool_calls`` as a LiteLLM proxy streams Bedrock Converse tool use (observed with
+    litellm 1.110.2 in front of a Bedrock event stream): per call, a start chunk with the id, the
+    name and ``"arguments": ""``, then argument fragments with only ``index`` (the proxy's own
+    count from 0), ``type`` and ``function.arguments``; ``content`` is "" on every tool chunk and
+    ``role`` only on the response's first chunk."""
+    for index, (name, arguments) in enumerate(s.tool_calls):
+        raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        start = {"id": f"tooluse_{uuid.uuid4().hex[:22]}", "function": {"arguments": "", "name": name},
+                 "type": "function", "index": index}
+        pieces = [raw[i:i + max(s.chunk_size, 1) * 2] for i in range(0, len(raw), max(s.chunk_size, 1) * 2)]
+        for n, call in enumerate([start, *({"function": {"arguments": p}, "type": "function", "index": index}
+                                            for p in pieces)]):
+            delta: dict = {"content": "", "tool_calls": [call]}
+            if first and not index and not n:
+                delta["role"] = "assistant"
+            yield _sse_line({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                             "model": body.get("model"), "choices": [{"index": 0, "delta": delta}]})
 
 
 def _completion(body: dict, s: Script) -> dict:

@@ -309,13 +309,54 @@ def test_start_stream_outside_a_dm_names_its_recipient(slack):
     assert call(slack, "chat.startStream", channel="D200", thread_ts=root(slack, "D200"), markdown_text="hi")["ok"]
 
 
-def test_append_stream_without_markdown_text_is_invalid_arguments(slack):
-    ch, ts = start(slack)
-    answer = refused(slack, "chat.appendStream", channel=ch, ts=ts)
-    assert answer["error"] == "invalid_arguments"
-    assert call(slack, "chat.appendStream", channel=ch, ts=ts, chunks=[{"type": "markdown_text", "text": " more"}])["ok"]
+def test_append_stream_needs_text_or_chunks_and_keeps_the_mode_the_stream_started_in(slack):
+    ch, ts = start(slack)  # started with markdown_text
+    assert refused(slack, "chat.appendStream", channel=ch, ts=ts)["error"] == "markdown_text_or_chunks_required"
+    more = [{"type": "markdown_text", "text": " more"}]
+    assert refused(slack, "chat.appendStream", channel=ch, ts=ts, chunks=more)["error"] == "streaming_mode_mismatch"
     assert call(slack, "chat.appendStream", channel=ch, ts=ts, markdown_text=" and more")["ok"]
-    assert slack.messages[ch][-1]["text"] == "Hello more and more"
+    assert refused(slack, "chat.stopStream", channel=ch, ts=ts, chunks=more)["error"] == "streaming_mode_mismatch"
+    assert slack.messages[ch][-1]["text"] == "Hello and more"
+
+
+def test_a_stream_started_with_chunks_takes_only_chunks_and_never_both_at_once(slack):
+    ch = channel()
+    hello = [{"type": "markdown_text", "text": "Hello"}]
+    ts = call(slack, "chat.startStream", channel=ch, thread_ts=root(slack, ch), chunks=hello,
+              recipient_user_id="U1", recipient_team_id=TEAM)["ts"]
+    assert refused(slack, "chat.appendStream", channel=ch, ts=ts, markdown_text="x")["error"] == "streaming_mode_mismatch"
+    both = refused(slack, "chat.appendStream", channel=ch, ts=ts, markdown_text="x", chunks=hello)
+    assert both["error"] == "cannot_provide_both_markdown_text_and_chunks"
+    assert call(slack, "chat.appendStream", channel=ch, ts=ts, chunks=[{"type": "markdown_text", "text": ", world"}])["ok"]
+    assert call(slack, "chat.stopStream", channel=ch, ts=ts)["ok"]  # nothing more to say: no mode
+    assert slack.messages[ch][-1]["text"] == "Hello, world"
+
+
+def task(**fields) -> dict:
+    return {"type": "task_update", "id": "t1", "title": "Searching ADRs", "status": "in_progress", **fields}
+
+
+def test_task_updates_are_checked_like_slack_and_shown_by_id(slack):
+    ch = channel()
+    ts = call(slack, "chat.startStream", channel=ch, thread_ts=root(slack, ch), chunks=[task()],
+              recipient_user_id="U1", recipient_team_id=TEAM)["ts"]
+    for bad in (task(status="done"), task(id=""), task(title="x" * 257), task(output="x" * 257),
+                task(sources=[{"type": "url", "url": "ftp://x", "text": "x"}]),
+                task(sources=[{"type": "url", "url": "https://x"}]), {"type": "task_update", "title": "t"}):
+        assert refused(slack, "chat.appendStream", channel=ch, ts=ts, chunks=[bad])["error"] == "invalid_chunks", bad
+    done = task(status="complete", output="3 files",
+                sources=[{"type": "url", "url": "https://github.com/o/r/blob/abc/a.md", "text": "a.md"}])
+    assert call(slack, "chat.appendStream", channel=ch, ts=ts, chunks=[done])["ok"]
+    shown = slack.messages[ch][-1]["tasks"]["t1"]
+    assert shown["status"] == "complete" and shown["output"] == "3 files" and shown["sources"][0]["text"] == "a.md"
+
+
+def test_task_display_mode_is_timeline_or_plan(slack):
+    ch = channel()
+    assert refused(slack, "chat.startStream", channel=ch, thread_ts=root(slack, ch), markdown_text="hi",
+                   recipient_user_id="U1", recipient_team_id=TEAM, task_display_mode="dense")["error"] == "invalid_arguments"
+    assert call(slack, "chat.startStream", channel=ch, thread_ts=root(slack, ch), markdown_text="hi",
+                recipient_user_id="U1", recipient_team_id=TEAM, task_display_mode="plan")["ok"]
 
 
 def test_stream_chunks_of_an_unknown_type_are_invalid_chunks(slack):
