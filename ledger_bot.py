@@ -1,7 +1,9 @@
 """ledger-bot: the BOR Write team's Slack assistant for GL Publisher and the Oracle General Ledger.
 
 People @mention the bot in a channel or DM it; it reads the thread, asks the company LiteLLM
-gateway (Claude on Bedrock) with the team's knowledge base as context, and answers in the thread.
+gateway (Claude on Bedrock) with the team's knowledge base as context, and answers in the thread;
+with LEDGER_BOT_REPO set, the model may also call read-only tools over the GL Publisher
+repository.
 
 Run it with ``python ledger_bot.py`` (configuration comes from the environment, see README.md);
 ``--check`` validates the configuration and both upstreams and exits 0/1; ``--ask "…"``
@@ -19,19 +21,21 @@ Sections, in the order a question travels through them:
   7. Conversation    - pure: Slack event -> Question -> LLM messages; splitting and fences;
                        the modal's signed metadata; screenshots
   8. Knowledge       - the team's documents: load, split by heading, BM25 index, reload
-  9. LLM             - litellm: the model's facts, one deadline, retries, errors -> outcome
-                       kinds, cost
- 10. Reply delivery  - ``Reply`` (one state field), its ``Feedback`` and ``Delivery``
+  9. Repository tools - ``FullText`` (SQLite FTS5), the checkout's commit, ``RepoIndex`` and
+                       ``RepoStore`` (rebuilt off the answer path); ``TOOLS``; ``ToolSession``
+ 10. LLM             - litellm: the model's facts, one deadline, retries, errors -> outcome
+                       kinds, cost; ``converse``: the rounds of tool calls
+ 11. Reply delivery  - ``Reply`` (one state field), its ``Feedback`` and ``Delivery``
                        (``StreamDelivery`` or ``PostDelivery``); the ``Flusher``
- 11. Outcomes        - ``OUTCOMES``: every way a question ends -> notice, log level, metric;
+ 12. Outcomes        - ``OUTCOMES``: every way a question ends -> notice, log level, metric;
                        ``Job``; ``Recorder``, the one place an outcome is recorded
- 12. Answering       - limits, follow-up verdicts, the prompt, ``Notices``, and ``Answerer``:
+ 13. Answering       - limits, follow-up verdicts, the prompt, ``Notices``, and ``Answerer``:
                        the worker's job, one question -> one reply
- 13. Dispatch        - ``Dispatcher`` (envelopes, events), ``Interactions``, ``Intake``
+ 14. Dispatch        - ``Dispatcher`` (envelopes, events), ``Interactions``, ``Intake``
                        (once only, allow-lists, the queue)
- 14. Socket Mode     - ``SocketLink``: connect when warm, detect dead links; ``Acks``
- 15. Terminal        - ``--check``, ``--ask``, ``--eval``: the same pipeline without Slack
- 16. Lifecycle       - worker pool, ``Bot``, drain, memory (gc freeze, heap trim), ``main()``
+ 15. Socket Mode     - ``SocketLink``: connect when warm, detect dead links; ``Acks``
+ 16. Terminal        - ``--check``, ``--ask``, ``--eval``: the same pipeline without Slack
+ 17. Lifecycle       - worker pool, ``Bot``, drain, memory (gc freeze, heap trim), ``main()``
 
 Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
   - main: start-up, then waits for SIGTERM/SIGINT (or a test's stop event), then drains;
@@ -51,6 +55,8 @@ Threads (every one can be stopped; ``Bot.shutdown`` stops them all):
     Home tab.
   - stream-flusher: shows buffered answer text when the model goes quiet (``Flusher``).
   - litellm-import: imports litellm once (~4 s); the socket opens only after it finished.
+  - repo-index (with LEDGER_BOT_REPO): builds the repository index at start-up and again when
+    the checkout's commit changes, one build at a time (``RepoStore``).
   - at shutdown only: socket-close (slack_sdk's slow close) and one interrupt thread per
     answer still open when the drain deadline passes.
 """
@@ -70,20 +76,25 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import fnmatch
 import functools
 import gc
 import hashlib
 import hmac
 import http.server
+import io
+import itertools
 import json
 import logging
 import math
+import posixpath
 import queue
 import random
 import re
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -170,11 +181,23 @@ Dollars = Annotated[float, _setting("dollars >= 0 (0 = no limit)", ge=0)]
 
 
 class KnowledgeSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the offline ``--eval`` reads: the documents, and the model whose tokens it counts."""
+    """What the offline ``--eval`` reads: the documents, the repository the tools read, and the
+    model whose tokens it counts."""
 
     ledger_bot_knowledge: Annotated[
         str, _setting("a readable .md/.txt file or a directory holding some")
     ] = ""
+    ledger_bot_repo: Annotated[
+        str, _setting("the path of a checkout of the GL Publisher repository")
+    ] = ""
+    ledger_bot_repo_url: Annotated[
+        str,
+        _setting(
+            "an https URL of the repository, e.g. https://github.com/wealthsimple/oracle-gl-publisher",
+            pattern=r"^https://[^\s/]+(/\S*)?$",
+        ),
+    ] = ""
+    ledger_bot_tool_rounds: Annotated[int, _setting("a whole number from 1 to 8", ge=1, le=8)] = 4
     ledger_bot_model: Annotated[str, _setting("a gateway model alias", pattern=r"^[\w.:/-]+$")] = (
         "bedrock-claude-4.5-sonnet"
     )
@@ -183,6 +206,11 @@ class KnowledgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     def knowledge_path(self) -> Path:
         """The knowledge file or folder; by default the ``knowledge/`` folder beside this module."""
         return Path(self.ledger_bot_knowledge) if self.ledger_bot_knowledge else DEFAULT_KNOWLEDGE
+
+    @property
+    def repo_path(self) -> Path | None:
+        """The repository checkout the tools read; None: no tools."""
+        return Path(self.ledger_bot_repo) if self.ledger_bot_repo else None
 
 
 class GatewaySettings(KnowledgeSettings, frozen=True, kw_only=True):
@@ -531,6 +559,7 @@ EVENT_TYPES = (
     "other",
 )
 EVENT_OUTCOMES = ("accepted", "ignored", "duplicate", "rejected")
+TOOL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -538,7 +567,12 @@ class Metrics:
     absolute values and two bots in one process do not collide). Every labelled series the
     alerts use exists from the start at 0, so rate() and increase() see the first event."""
 
-    def __init__(self, registry: prometheus_client.CollectorRegistry, outcomes: tuple[str, ...]):
+    def __init__(
+        self,
+        registry: prometheus_client.CollectorRegistry,
+        outcomes: tuple[str, ...],
+        tools: tuple[str, ...] = (),
+    ):
         self.registry = registry
         counter = functools.partial(prometheus_client.Counter, registry=registry)
         gauge = functools.partial(prometheus_client.Gauge, registry=registry)
@@ -595,6 +629,22 @@ class Metrics:
         self.build_info = gauge(
             "ledger_bot_build_info", "Always 1; labels say what is running", ["version", "git_sha"]
         )
+        self.tool_calls = counter(
+            "ledger_bot_tool_calls", "Repository tool calls, by tool and result", ["tool", "result"]
+        )
+        self.tool_duration = prometheus_client.Histogram(
+            "ledger_bot_tool_duration_seconds",
+            "Repository tool call duration",
+            ["tool"],
+            buckets=TOOL_BUCKETS,
+            registry=registry,
+        )
+        self.repo_info = gauge(
+            "ledger_bot_repo_info", "Always 1; the commit the repository tools read", ["commit"]
+        )
+        self.repo_files = gauge(
+            "ledger_bot_repo_files", "Files in the repository index (0: LEDGER_BOT_REPO unindexed)"
+        )
         for outcome in outcomes:
             self.answers.labels(outcome=outcome)
         for event_type in EVENT_TYPES:
@@ -606,6 +656,10 @@ class Metrics:
             self.feedback.labels(value=value)
         for cited in ("yes", "no"):
             self.sources.labels(cited=cited)
+        for tool in tools:
+            self.tool_duration.labels(tool=tool)
+            for result in ("ok", "error"):
+                self.tool_calls.labels(tool=tool, result=result)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -786,6 +840,28 @@ LOADING_MESSAGES = (  # each within Slack's 50 characters; promising only what t
     "Looking through the Oracle GL notes…",
     "Balancing the debits and credits…",
 )
+LOADING_MESSAGE_CHARS = 50  # Slack's limit per loading message
+TASK_TEXT_LIMIT = 256  # Slack's limit for a task's title and output
+
+
+def task_chunk(
+    task_id: str, title: str, status: str, output: str = "", sources: Iterable[tuple[str, str]] = ()
+) -> dict:
+    """A ``task_update`` chunk of a streamed reply (Slack's task UI): a step's title and
+    status (pending, in_progress, complete, error), then a word on its result and links to
+    what it found, as (url, text)."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= TASK_TEXT_LIMIT else text[: TASK_TEXT_LIMIT - 1] + "…"
+
+    chunk: dict[str, Any] = {"type": "task_update", "id": task_id, "title": cut(title)}
+    chunk["status"] = status
+    if output:
+        chunk["output"] = cut(output)
+    links = [{"type": "url", "url": url, "text": cut(text)} for url, text in sources]
+    if links:
+        chunk["sources"] = links
+    return chunk
 
 
 def message_metadata(metadata_type: str, ref: str) -> dict:
@@ -1374,11 +1450,18 @@ class SlackSurfaces:
     def __init__(self, api: SlackApi):
         self.api = api
 
-    def set_status(self, *, channel: str, thread_ts: str, status: str = "is thinking…") -> bool:
-        """``assistant.threads.setStatus`` with ledger-flavoured ``loading_messages``; False if
-        Slack refuses it. Raises SlackBusy (never waits) when its budget is spent. Slack clears
-        it at the next post in the thread, or after two minutes without one (the Flusher renews
-        it while the model is silent)."""
+    def set_status(
+        self,
+        *,
+        channel: str,
+        thread_ts: str,
+        status: str = "is thinking…",
+        loading: tuple[str, ...] = LOADING_MESSAGES,
+    ) -> bool:
+        """``assistant.threads.setStatus`` with ``loading`` messages (ledger-flavoured ones by
+        default); False if Slack refuses it. Raises SlackBusy (never waits) when its budget is
+        spent. Slack clears it at the next post in the thread, or after two minutes without one
+        (the Flusher renews it while the model is silent)."""
         try:
             self.api.call(
                 "assistant.threads.setStatus",
@@ -1386,7 +1469,7 @@ class SlackSurfaces:
                 channel_id=channel,
                 thread_ts=thread_ts,
                 status=status,
-                loading_messages=list(LOADING_MESSAGES),
+                loading_messages=list(loading),
             )
             return True
         except SlackBusy:
@@ -1748,6 +1831,15 @@ Leave the line out if you used none. Do not mention the labels anywhere else.
 - Messages from people arrive prefixed with their Slack mention, e.g. "<@U123>: ...". Several \
 people may be in the thread; answer the latest message, using the thread for context.
 - Lead with the answer."""
+
+# Added to SYSTEM_PROMPT when the repository tools are on (LEDGER_BOT_REPO).
+TOOLS_PROMPT = """\
+You can also read the GL Publisher repository (oracle-gl-publisher) itself, with the tools \
+provided: its ADRs, its code, its Oracle GL schema reference and its Impact Builders. The team \
+knowledge comes first; use the tools for what it does not hold, such as a specific class, file, \
+column, ADR or configuration value, instead of guessing. A few targeted calls beat many broad \
+ones. When a tool result is what you relied on, put the file's path, exactly as the tool \
+printed it, on the Sources line beside any document labels."""
 
 
 def build_llm_messages(
@@ -2487,7 +2579,784 @@ class KnowledgeStore:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 9. LLM
+# 9. Repository tools
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Read-only tools over a checkout of the GL Publisher repository (LEDGER_BOT_REPO), for the
+# detail the curated knowledge cannot hold: its ADRs, code and schema reference. The checkout is
+# indexed once per commit, off the answer path, into SQLite FTS5 (FullText), and every tool reads
+# the index, never the disk a sync may be rewriting: each result, and each link, is of the
+# indexed commit. A tool is a plain function over a RepoIndex with a msgspec argument type (its
+# JSON schema comes from the type), so the same set could be served over MCP.
+
+# FTS5's trigram tokenizer needs SQLite 3.34; Python's sqlite3 links whatever the image has.
+FTS5_MIN_SQLITE = (3, 34, 0)
+
+
+class RetrievalUnavailable(Exception):
+    """This Python's SQLite lacks FTS5 or its trigram tokenizer."""
+
+
+@functools.cache
+def check_fts5() -> str:
+    """The SQLite version, if it has FTS5 (``pragma compile_options``) and the trigram
+    tokenizer; raises RetrievalUnavailable saying what is missing."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        options = {row[0] for row in db.execute("PRAGMA compile_options")}
+    if "ENABLE_FTS5" not in options or sqlite3.sqlite_version_info < FTS5_MIN_SQLITE:
+        raise RetrievalUnavailable(
+            f"the repository tools need SQLite 3.34+ with FTS5; this Python has SQLite "
+            f"{sqlite3.sqlite_version}{'' if 'ENABLE_FTS5' in options else ' without FTS5'}"
+        )
+    return sqlite3.sqlite_version
+
+
+def fts_match(terms: Iterable[str]) -> str:
+    """An FTS5 MATCH expression for any of ``terms``, each a quoted string (so no term is read
+    as FTS5 syntax); "" when there are none."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(terms) if t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    row: int  # the row's position among the rows as given, from 0
+    score: float  # -bm25(): higher is better
+
+
+class FullText:
+    """An SQLite FTS5 table in memory, ranked by ``bm25()`` (k1 1.2, b 0.75); standard library.
+
+    Rows are indexed once, in the order given, then only read: threads share the connection
+    under a lock (a query takes a millisecond or two). The repository's files go to the
+    ``trigram`` tokenizer, so any three or more characters of an identifier find it
+    (``ImpactBuild`` matches ``TradeBuyImpactBuilder``), case-insensitively. (The knowledge
+    stays on its own BM25: on this engine the eval measured a small loss, README › Retrieval.)"""
+
+    def __init__(
+        self, columns: tuple[str, ...], rows: Iterable[tuple[str, ...]], *, tokenizer: str
+    ):
+        check_fts5()
+        self.columns = columns
+        self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        self._lock = threading.Lock()
+        names = ", ".join(columns)
+        self._db.execute(f'CREATE VIRTUAL TABLE doc USING fts5({names}, tokenize="{tokenizer}")')
+        marks = ", ".join("?" * len(columns))
+        self._db.executemany(f"INSERT INTO doc({names}) VALUES ({marks})", rows)
+        self._db.commit()
+
+    def search(
+        self,
+        match: str,
+        *,
+        where: str = "",
+        params: tuple = (),
+        limit: int = -1,
+        weights: tuple[float, ...] = (),
+    ) -> list[Hit]:
+        """Rows matching ``match`` (``fts_match``) and the SQL condition ``where`` on the
+        columns (with ``params``), best first (``weights`` per column), ties in row order."""
+        if not match:
+            return []
+        rank = f"bm25(doc{''.join(f', {w}' for w in weights)})"
+        condition = f" AND ({where})" if where else ""
+        sql = (
+            f"SELECT rowid, -{rank} FROM doc WHERE doc MATCH ?{condition} "
+            f"ORDER BY {rank}, rowid LIMIT ?"
+        )
+        with self._lock:
+            found = self._db.execute(sql, (match, *params, limit)).fetchall()
+        return [Hit(rowid - 1, score) for rowid, score in found]
+
+    def rows(self, where: str, params: tuple = ()) -> list[tuple]:
+        """``(position, *columns)`` of the rows meeting ``where``, in row order."""
+        names = ", ".join(self.columns)
+        with self._lock:
+            return self._db.execute(
+                f"SELECT rowid - 1, {names} FROM doc WHERE {where} ORDER BY rowid", params
+            ).fetchall()
+
+
+# -- the checkout ---------------------------------------------------------------------------
+
+# Never indexed, so never returned: folders of build output and tooling, files over
+# REPO_FILE_MAX_BYTES, binaries, symlinks (they could point anywhere), and anything
+# secret-shaped by name or by content.
+REPO_SKIP_DIRS = frozenset({".git", "target", "build", "node_modules", ".gradle", ".idea"})
+REPO_FILE_MAX_BYTES = 1_000_000
+SECRET_NAMES = (
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc", ".npmrc", ".pgpass",
+)  # fmt: skip
+SECRET_CONTENT = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\bAKIA[0-9A-Z]{16}\b"
+    r"|\bxox[abposre]-[A-Za-z0-9-]{10,}|\bxapp-[A-Za-z0-9-]{10,}|\bsk-[A-Za-z0-9_-]{20,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{36}\b|\bgithub_pat_[A-Za-z0-9_]{22,}"
+    r"|(?i:\b(?:password|passwd|secret|api[_-]?key|access[_-]?key|token)[\"']?\s*[:=]\s*"
+    r"[\"'][^\"'\s$]{12,}[\"'])"  # a literal credential; a ${PLACEHOLDER} is fine
+)
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# How often an answer may look at the checkout for a new commit: a few small file reads.
+REPO_CHECK_SECONDS = 10.0
+
+
+def secret_shaped(path: str) -> bool:
+    """Is ``path`` (relative, with /) named like a secret?"""
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name, pattern) for pattern in SECRET_NAMES)
+
+
+def checkout_commit(root: Path) -> str | None:
+    """The commit checked out at ``root``, read from git's own files (the image has no git):
+    ``.git`` a folder, or a file naming one (a worktree, as git-sync makes); HEAD detached or a
+    branch, its ref loose or packed. None if it cannot be told."""
+    try:
+        git = root / ".git"
+        gitdir = git
+        if git.is_file():
+            pointer = git.read_text(encoding="utf-8").strip()
+            if not pointer.startswith("gitdir:"):
+                return None
+            gitdir = root / pointer[len("gitdir:") :].strip()
+        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref:"):
+            return head if _SHA.fullmatch(head) else None
+        ref = head[len("ref:") :].strip()
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            common = gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()
+        for base in (gitdir, common):
+            if (base / ref).is_file():
+                sha = (base / ref).read_text(encoding="utf-8").strip()
+                return sha if _SHA.fullmatch(sha) else None
+        if (common / "packed-refs").is_file():
+            for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
+                sha, _, name = line.partition(" ")
+                if name.strip() == ref and _SHA.fullmatch(sha):
+                    return sha
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def repo_files(root: Path) -> tuple[list[tuple[str, str]], collections.Counter[str]]:
+    """The files under ``root`` worth indexing, as (path with /, text), sorted by path; and
+    how many were left out, by reason."""
+    kept: list[tuple[str, str]] = []
+    left_out: collections.Counter[str] = collections.Counter()
+    for folder, dirs, names in os.walk(root):  # symlinked folders are listed, never entered
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if d not in REPO_SKIP_DIRS)
+        for name in names:
+            file = here / name
+            path = file.relative_to(root).as_posix()
+            reason, text = _read_indexable(file, path)
+            if reason:
+                left_out[reason] += 1
+            else:
+                kept.append((path, text))
+    kept.sort()
+    return kept, left_out
+
+
+def _read_indexable(file: Path, path: str) -> tuple[str, str]:
+    """("", text) for a file worth indexing, else (why not, "")."""
+    if file.is_symlink():
+        return "symlink", ""
+    if secret_shaped(path):
+        return "secret", ""
+    size = file.stat().st_size
+    if size > REPO_FILE_MAX_BYTES:
+        return "large", ""
+    data = file.read_bytes()
+    if b"\0" in data[:8192]:
+        return "binary", ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary", ""
+    if SECRET_CONTENT.search(text):
+        return "secret", ""
+    return "", text
+
+
+class RepoIndex:
+    """One indexed commit of the repository: its files in a FullText (trigram; path and text),
+    served to the tools. ``url`` (LEDGER_BOT_REPO_URL) makes links; the files' text is only
+    ever read from here."""
+
+    def __init__(self, files: list[tuple[str, str]], *, commit: str | None, url: str):
+        self.commit, self.url = commit, url.rstrip("/")
+        self.paths = {path: i for i, (path, _) in enumerate(files)}
+        self.text = FullText(("path", "text"), files, tokenizer="trigram")
+        self.left_out: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def build(cls, root: Path, url: str) -> RepoIndex:
+        """Index the checkout at ``root`` (raises OSError if it cannot be read)."""
+        files, left_out = repo_files(root)
+        index = cls(files, commit=checkout_commit(root), url=url)
+        index.left_out = left_out
+        return index
+
+    def read_row(self, position: int) -> tuple[str, str]:
+        """(path, text) of the file at ``position``."""
+        _, path, text = self.text.rows("rowid = ?", (position + 1,))[0]
+        return path, text
+
+    def read(self, path: str) -> str | None:
+        """The indexed text of ``path``, or None."""
+        position = self.paths.get(path)
+        return None if position is None else self.read_row(position)[1]
+
+    def link(self, path: str, lines: tuple[int, int] | None = None) -> str:
+        """The web address of ``path`` at the indexed commit (and ``lines``); "" without a
+        LEDGER_BOT_REPO_URL."""
+        if not self.url:
+            return ""
+        anchor = f"#L{lines[0]}-L{lines[1]}" if lines else ""
+        return f"{self.url}/blob/{self.commit or 'HEAD'}/{urllib.parse.quote(path)}{anchor}"
+
+
+class RepoStore:
+    """The current RepoIndex of the checkout at ``root``, rebuilt in a background thread when
+    its commit (or the folder the path resolves to) changes; ``current()`` looks at most every
+    REPO_CHECK_SECONDS. A build that fails, or whose checkout changed under it, keeps the old
+    index and logs one ``repo_index_failed`` line per broken version. A folder that is not a
+    git checkout is indexed once."""
+
+    def __init__(self, root: Path, url: str, metrics: Metrics | None = None):
+        self.root, self.url, self.metrics = root, url, metrics
+        self.built = threading.Event()  # set when the first build has ended, either way
+        self._index: RepoIndex | None = None
+        self._version: tuple[str, str | None] | None = None
+        self._failed: tuple[str, str | None] | None = None
+        self._checked = 0.0
+        self._building: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def version(self) -> tuple[str, str | None]:
+        real = os.path.realpath(self.root)
+        return real, checkout_commit(Path(real))
+
+    def start(self) -> None:
+        """Build the first index, in the background (``built`` says when it has ended)."""
+        self._checked = time.monotonic()
+        self._rebuild_if_changed()
+
+    def current(self) -> RepoIndex | None:
+        now = time.monotonic()
+        if now - self._checked >= REPO_CHECK_SECONDS:
+            self._checked = now
+            self._rebuild_if_changed()
+        return self._index
+
+    def wait_building(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for a build under way (tests, shutdown)."""
+        building = self._building
+        if building is not None:
+            building.join(timeout)
+
+    def _rebuild_if_changed(self) -> None:
+        with self._lock:
+            if self._building is not None and self._building.is_alive():
+                return
+            version = self.version()
+            if version in (self._version, self._failed):
+                return
+            self._building = threading.Thread(
+                target=self._build, args=(version,), name="repo-index", daemon=True
+            )
+            self._building.start()
+
+    def _build(self, version: tuple[str, str | None]) -> None:
+        started = time.monotonic()
+        try:
+            index = RepoIndex.build(Path(version[0]), self.url)
+            if not index.paths:
+                raise ValueError("no text files to index")
+            if self.version() != version:
+                raise ValueError("the checkout changed while it was being indexed")
+        except (OSError, ValueError, sqlite3.Error, RetrievalUnavailable) as e:
+            self._failed = version
+            log_event(
+                logging.ERROR,
+                "repo_index_failed",
+                path=str(self.root),
+                commit=version[1],
+                error=f"{type(e).__name__}: {e}",
+                kept_commit=self._index.commit if self._index else None,
+            )
+        else:
+            self._index, self._version, self._failed = index, version, None
+            if self.metrics is not None:
+                self.metrics.repo_info.clear()
+                self.metrics.repo_info.labels(commit=index.commit or "unknown").set(1)
+                self.metrics.repo_files.set(len(index.paths))
+            log_event(
+                logging.INFO,
+                "repo_indexed",
+                path=str(self.root),
+                commit=index.commit,
+                files=len(index.paths),
+                left_out=dict(index.left_out),
+                seconds=round(time.monotonic() - started, 2),
+            )
+        finally:
+            self.built.set()
+
+
+# -- the tools ------------------------------------------------------------------------------
+
+# What a tool result may hold: about 1,500 tokens, so four rounds of a few calls stay small
+# beside the knowledge; a result that is cut says so and how to get the rest.
+TOOL_RESULT_MAX_CHARS = 6_000
+SEARCH_FILES = 8  # files a search returns, best first
+LINES_PER_FILE = 2  # matching lines shown per file, each with CONTEXT_LINES around it
+CONTEXT_LINES = 2
+ADR_GLOB = "docs/adr/*.md"
+SCHEMA_FILE = "docs/oracle-gl-schema-reference.md"
+IMPACT_BUILDER_GLOB = "queue-processor/*/glrecordbuilders/*ImpactBuilder.kt"
+_CODE_WORD = re.compile(r"\w[\w.]*\w")
+_ACCEPTED_TYPE = re.compile(r"acceptedType\b[^=]*=\s*([\w.]+)::class")
+
+
+class ToolFailure(Exception):
+    """A tool cannot do what it was asked; the message is for the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolResult:
+    """What a tool call gives the model (``text``), and the repository files it showed, each
+    with the lines shown (None: the file as a whole), for links."""
+
+    text: str
+    files: tuple[tuple[str, tuple[int, int] | None], ...] = ()
+    ok: bool = True
+
+
+def code_terms(query: str) -> list[str]:
+    """The words of ``query`` worth searching for: identifiers and words of 3+ characters
+    (dots kept: ``original.externalSourceId``), not stop words."""
+    return [w for w in _CODE_WORD.findall(query) if len(w) >= 3 and w.lower() not in STOPWORDS]
+
+
+def _quoted(value: str | None, limit: int = 60) -> str:
+    value = " ".join((value or "").split())
+    return f"“{value[:limit]}{'…' if len(value) > limit else ''}”"
+
+
+def capped(text: str, limit: int = TOOL_RESULT_MAX_CHARS) -> str:
+    """``text``, cut at a line break before ``limit`` characters with a note saying so."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n", 0, limit - 200)
+    cut = cut if cut > limit // 2 else limit - 200
+    return (
+        text[:cut] + f"\n[cut: {len(text) - cut:,} more characters not shown; narrow the query, or "
+        "read_file a line range]"
+    )
+
+
+def numbered(lines: list[str], first: int) -> str:
+    return "\n".join(f"{n:>5}  {line}" for n, line in enumerate(lines, first))
+
+
+def _line_hits(text: str, terms: list[str]) -> list[tuple[int, int]]:
+    """Windows (first, last line, 1-based) around the lines of ``text`` that hold the most
+    ``terms``, at most LINES_PER_FILE, merged where they touch."""
+    lowered = [t.lower() for t in terms]
+    lines = text.splitlines()
+    scored = [(-sum(t in line.lower() for t in lowered), n) for n, line in enumerate(lines, 1)]
+    best = sorted(s for s in scored if s[0] < 0)[:LINES_PER_FILE]
+    windows: list[tuple[int, int]] = []
+    for _, n in sorted(best, key=lambda s: s[1]):
+        a, b = max(1, n - CONTEXT_LINES), min(len(lines), n + CONTEXT_LINES)
+        if windows and a <= windows[-1][1] + 1:
+            windows[-1] = (windows[-1][0], b)
+        else:
+            windows.append((a, b))
+    return windows
+
+
+def _title_and_status(text: str) -> tuple[str, str]:
+    """An ADR's first heading and its status (a ``Status:`` line, or a ``## Status`` section's
+    first line)."""
+    title = next((ln[2:].strip() for ln in text.splitlines() if ln.startswith("# ")), "")
+    found = re.search(r"^\W*Status\W*:\s*(.+)$", text, re.M | re.I) or re.search(
+        r"^#+\s*Status\s*\n+\s*(\S.*)$", text, re.M | re.I
+    )
+    return title, (found.group(1).strip(" *_") if found else "unknown")
+
+
+class ToolArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """A tool's arguments; ``step()`` says what the call is doing, for a person."""
+
+    def step(self) -> str:
+        raise NotImplementedError
+
+
+class SearchAdrs(ToolArgs):
+    """Search the Architecture Decision Records (docs/adr/*.md): each match with its file,
+    title, status and the passage that matched. Words, not sentences: e.g. "reversal",
+    "idempotency key". A query with no searchable words lists every ADR."""
+
+    query: Annotated[str, msgspec.Meta(max_length=200)]
+
+    def step(self) -> str:
+        return f"Searching ADRs for {_quoted(self.query)}"
+
+
+def search_adrs(index: RepoIndex, args: SearchAdrs) -> ToolResult:
+    where, params = "path GLOB ? AND path NOT GLOB '*README.md'", (ADR_GLOB,)
+    terms = code_terms(args.query)
+    if terms:
+        hits = index.text.search(fts_match(terms), where=where, params=params)
+        found = [index.read_row(h.row) for h in hits]
+        # An ADR whose title names what was asked comes first; bm25 orders the rest.
+        found.sort(
+            key=lambda f: -sum(t.lower() in _title_and_status(f[1])[0].lower() for t in terms)
+        )
+        found = found[:SEARCH_FILES]
+    else:
+        found = [(path, text) for _, path, text in index.text.rows(where, params)]
+    if not found:
+        return ToolResult(f"No ADR mentions {args.query!r}.")
+    out = []
+    for path, text in found:
+        title, status = _title_and_status(text)
+        out.append(f"{path}\n  {title} (status: {status})")
+        lines = text.splitlines()
+        for a, b in _line_hits(text, terms)[:1]:
+            out.append(numbered(lines[a - 1 : b], a))
+    return ToolResult("\n".join(out), tuple((path, None) for path, _ in found))
+
+
+class SearchCode(ToolArgs):
+    """Search the repository's code and documents (*.kt, *.java, *.sql, *.md, *.yaml, ...)
+    for identifiers or words, e.g. "ReversalImpactBuilder" or "attribute6 tradeId"; any 3+
+    characters of an identifier match. Returns path:line with the lines around each match.
+    ``path_glob`` narrows it, e.g. "queue-processor/*.kt" (* matches across folders)."""
+
+    query: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    path_glob: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+    def step(self) -> str:
+        return f"Searching the code for {_quoted(self.query)}" + (
+            f" in {_quoted(self.path_glob)}" if self.path_glob else ""
+        )
+
+
+def search_code(index: RepoIndex, args: SearchCode) -> ToolResult:
+    terms = code_terms(args.query)
+    if not terms:
+        raise ToolFailure("the query has no searchable words (3+ characters, not stop words)")
+    where, params = ("path GLOB ?", (args.path_glob,)) if args.path_glob else ("", ())
+    hits = index.text.search(
+        fts_match(terms), where=where, params=params, limit=SEARCH_FILES, weights=(2.0, 1.0)
+    )
+    if not hits:
+        glob = f" in {args.path_glob}" if args.path_glob else ""
+        return ToolResult(f"Nothing matches {args.query!r}{glob}.")
+    out: list[str] = []
+    files = []
+    for hit in hits:
+        path, text = index.read_row(hit.row)
+        lines = text.splitlines()
+        windows = _line_hits(text, terms) or [(1, min(len(lines), 1 + 2 * CONTEXT_LINES))]
+        for a, b in windows:
+            out.append(f"{path}:{a}\n{numbered(lines[a - 1 : b], a)}")
+        files.append((path, (windows[0][0], windows[-1][1])))
+    return ToolResult("\n\n".join(out), tuple(files))
+
+
+class ReadFile(ToolArgs):
+    """Read one file of the repository by its path (as the searches print it), numbered; or
+    the lines ``start_line`` to ``end_line`` of it (1-based, inclusive)."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    start_line: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    end_line: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def step(self) -> str:
+        lines = f", lines {self.start_line or 1}–{self.end_line or 'end'}"
+        return f"Reading {_quoted(self.path, 120)}" + (
+            lines if self.start_line or self.end_line else ""
+        )
+
+
+def read_file(index: RepoIndex, args: ReadFile) -> ToolResult:
+    path = posixpath.normpath(args.path.strip().removeprefix("./"))
+    if path.startswith(("/", "../")) or path == "..":
+        raise ToolFailure(f"{args.path} is outside the repository")
+    if secret_shaped(path):
+        raise ToolFailure(f"{path} is secret-shaped; it is never read")
+    text = index.read(path)
+    if text is None:
+        raise ToolFailure(
+            f"{path} is not in the repository's index (no such file, or a binary, "
+            "generated, oversized or secret-shaped file)"
+        )
+    lines = text.splitlines()
+    first = args.start_line or 1
+    last = min(args.end_line or len(lines), len(lines))
+    if first > max(len(lines), 1) or first > last:
+        raise ToolFailure(f"{path} has {len(lines)} lines; lines {first}-{last} do not exist")
+    body = numbered(lines[first - 1 : last], first)
+    whole = first == 1 and last == len(lines)
+    return ToolResult(
+        f"{path} (lines {first}-{last} of {len(lines)})\n{body}",
+        ((path, None if whole else (first, last)),),
+    )
+
+
+class GetSchemaInfo(ToolArgs):
+    """The Oracle GL schema reference (docs/oracle-gl-schema-reference.md): the section on one
+    table, e.g. "GL_INTERFACE" (its columns and how GL Publisher fills them); without a
+    table, the list of tables it describes."""
+
+    table: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+    def step(self) -> str:
+        if self.table:
+            return f"Looking up {_quoted(self.table)} in the schema reference"
+        return "Listing the tables in the schema reference"
+
+
+def get_schema_info(index: RepoIndex, args: GetSchemaInfo) -> ToolResult:
+    text = index.read(SCHEMA_FILE)
+    if text is None:
+        raise ToolFailure(f"the repository has no {SCHEMA_FILE}")
+    sections = {
+        m.group(1).upper(): m for m in re.finditer(r"^## (GL_\w+).*?(?=^## |\Z)", text, re.M | re.S)
+    }
+    if not args.table:
+        return ToolResult(
+            "Tables in the schema reference: " + ", ".join(sections), ((SCHEMA_FILE, None),)
+        )
+    found = sections.get(args.table.strip().upper())
+    if found is None:
+        raise ToolFailure(f"no section on {args.table}; the tables are: {', '.join(sections)}")
+    first = text.count("\n", 0, found.start()) + 1
+    lines = (first, first + found.group(0).rstrip().count("\n"))
+    return ToolResult(found.group(0).rstrip(), ((SCHEMA_FILE, lines),))
+
+
+class FindImpactBuilders(ToolArgs):
+    """The Impact Builders (queue-processor/.../glrecordbuilders/*ImpactBuilder.kt): each
+    class with the payload type it accepts (acceptedType) and its file; ``query`` (e.g. a
+    payload or activity name: "TradeBuy", "reversal") keeps the ones that mention it, best
+    first, with their class comment."""
+
+    query: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+    def step(self) -> str:
+        if self.query:
+            return f"Finding Impact Builders for {_quoted(self.query)}"
+        return "Listing the Impact Builders"
+
+
+def find_impact_builders(index: RepoIndex, args: FindImpactBuilders) -> ToolResult:
+    where, params = "path GLOB ?", (IMPACT_BUILDER_GLOB,)
+    terms = code_terms(args.query or "")
+    if terms:
+        match = fts_match(terms)
+        hits = index.text.search(match, where=where, params=params, weights=(3.0, 1.0))
+        rows = [index.read_row(hit.row) for hit in hits[:SEARCH_FILES]]
+    else:
+        rows = [(path, text) for _, path, text in index.text.rows(where, params)]
+        rows.sort(key=lambda row: row[0].rsplit("/", 1)[-1])  # by class name
+    out: list[str] = []
+    files = []
+    for path, text in rows:
+        name = re.search(r"\bclass\s+(\w+ImpactBuilder)\b", text)
+        if name is None:
+            continue  # the interface, or a helper
+        accepted = _ACCEPTED_TYPE.search(text)
+        comment = _class_comment(text) if terms and len(out) < 3 else ""
+        out.append(
+            f"{name.group(1)} accepts {accepted.group(1) if accepted else '(not stated)'}"
+            f"\n  {path}{comment}"
+        )
+        files.append((path, None))
+    if not out:
+        return ToolResult(f"No Impact Builder mentions {args.query!r}.")
+    return ToolResult("\n".join(out), tuple(files))
+
+
+def _class_comment(text: str) -> str:
+    """The KDoc comment before the class, indented, at most 600 characters."""
+    found = re.search(r"/\*\*(.*?)\*/\s*(?:@\w+(?:\([^)]*\))?\s*)*(?:\w+\s+)*class\s", text, re.S)
+    if not found:
+        return ""
+    body = "\n".join(ln.strip().removeprefix("*").strip() for ln in found.group(1).splitlines())
+    return "\n  " + body.strip()[:600].replace("\n", "\n  ")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """One tool: its argument type (the JSON schema the model sees, the validation, and in
+    ``step()`` what a person sees while the call runs) and the function."""
+
+    args: type[ToolArgs]
+    run: Callable[[RepoIndex, Any], ToolResult]
+
+
+# The tools, by the names the team chose (the prototype's MCP server).
+TOOLS: dict[str, Tool] = {
+    "search_adrs": Tool(SearchAdrs, search_adrs),
+    "search_code": Tool(SearchCode, search_code),
+    "read_file": Tool(ReadFile, read_file),
+    "get_schema_info": Tool(GetSchemaInfo, get_schema_info),
+    "find_impact_builders": Tool(FindImpactBuilders, find_impact_builders),
+}
+
+
+def tool_schema(name: str, tool: Tool) -> dict:
+    """The OpenAI ``tools`` entry for ``tool``: the argument type's JSON schema (an optional
+    argument is simply not required), its docstring as the description."""
+    _, defs = msgspec.json.schema_components([tool.args])
+    schema = defs[tool.args.__name__]
+    for prop in schema.get("properties", {}).values():
+        options = prop.pop("anyOf", None)
+        if options:
+            prop.update(next(o for o in options if o.get("type") != "null"))
+        prop.pop("default", None)
+    description = " ".join(schema.pop("description", "").replace("``", "`").split())
+    schema.pop("title", None)
+    schema["additionalProperties"] = False
+    function = {"name": name, "description": description, "parameters": schema}
+    return {"type": "function", "function": function}
+
+
+TOOL_SCHEMAS = [tool_schema(name, tool) for name, tool in TOOLS.items()]
+
+
+def run_tool(index: RepoIndex, name: str, arguments: str) -> ToolResult:
+    """Run the model's call of ``name`` with ``arguments`` (JSON; "" means none): validated
+    before anything runs, capped at TOOL_RESULT_MAX_CHARS. Never raises: a failure is a result
+    whose text tells the model what went wrong (``ok`` False)."""
+    tool = TOOLS.get(name)
+    if tool is None:
+        known = ", ".join(TOOLS)
+        return ToolResult(f"Error: there is no tool {name!r}; the tools are {known}.", ok=False)
+    try:
+        args = msgspec.json.decode(arguments.strip() or "{}", type=tool.args)
+        result = tool.run(index, args)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        return ToolResult(f"Error: invalid arguments for {name}: {e}", ok=False)
+    except ToolFailure as e:
+        return ToolResult(f"Error: {e}.", ok=False)
+    except Exception:
+        log.exception("tool_crashed", extra={"fields": {"tool": name}})
+        return ToolResult(f"Error: {name} failed unexpectedly; answer without it.", ok=False)
+    return dataclasses.replace(result, text=capped(result.text))
+
+
+def tool_step_title(name: str, arguments: str) -> str:
+    """What the reply shows while the call runs: the tool's own words, if its arguments parse."""
+    tool = TOOLS.get(name)
+    if tool is not None:
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            return msgspec.json.decode(arguments.strip() or "{}", type=tool.args).step()
+    return f"Calling {name[:60]}"
+
+
+@dataclasses.dataclass
+class ToolCall:
+    """One tool call as the model streamed it, assembled from its fragments."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+def gather_tool_calls(fragments: list[dict], calls: dict[int, ToolCall]) -> None:
+    """Add one chunk's ``tool_calls`` fragments to ``calls``, by index: a call's id and name
+    come once, on its first fragment (the gateway renumbers calls from 0 per response); its
+    arguments arrive in pieces, "" meaning none."""
+    for fragment in fragments:
+        call = calls.setdefault(int(fragment.get("index") or 0), ToolCall())
+        function = fragment.get("function") or {}
+        call.id = fragment.get("id") or call.id
+        call.name = function.get("name") or call.name
+        call.arguments += function.get("arguments") or ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolStep:
+    """A tool call as a person sees it: ``in_progress``, then ``complete`` or ``error`` with a
+    word on the result and links to the files it found, as (url, path)."""
+
+    id: str
+    title: str
+    status: str
+    output: str = ""
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def chunk(self) -> dict:
+        """The step as a streamed reply shows it: a task_update chunk."""
+        return task_chunk(self.id, self.title, self.status, self.output, self.sources)
+
+
+TASK_SOURCES = 5  # links a finished task shows
+
+
+class ToolSession:
+    """One answer's tools: the index it reads (one commit for the whole answer); each call
+    shown as ToolSteps through ``show`` (which raises StoppedByUser or Interrupted once the
+    person pressed Stop or shutdown ended the reply), timed and counted; and the files the
+    calls showed, which the answer may cite."""
+
+    def __init__(
+        self, index: RepoIndex, show: Callable[[ToolStep], None], metrics: Metrics | None = None
+    ):
+        self.index, self.show, self.metrics = index, show, metrics
+        self.shown: dict[str, tuple[int, int] | None] = {}  # path -> the lines last shown
+        self.calls = 0
+
+    def call(self, call: ToolCall) -> str:
+        """Run ``call``, showing it while it runs; what the model reads back."""
+        self.calls += 1
+        step, title = f"tool-{self.calls}", tool_step_title(call.name, call.arguments)
+        self.show(ToolStep(step, title, "in_progress"))
+        started = time.monotonic()
+        result = run_tool(self.index, call.name, call.arguments)
+        seconds = time.monotonic() - started
+        name = call.name if call.name in TOOLS else "unknown"
+        if self.metrics is not None:
+            self.metrics.tool_calls.labels(tool=name, result="ok" if result.ok else "error").inc()
+            self.metrics.tool_duration.labels(tool=name).observe(seconds)
+        log_event(
+            logging.INFO,
+            "tool_call",
+            tool=name,
+            ok=result.ok,
+            files=len(result.files),
+            latency_ms=round(seconds * 1000, 1),
+        )
+        self.shown.update(result.files)
+        links = [(self.index.link(path, lines), path) for path, lines in result.files]
+        found = len(result.files)
+        said = f"{found} file{'' if found == 1 else 's'}" if result.ok else result.text[:200]
+        sources = tuple((url, path) for url, path in links if url)[:TASK_SOURCES]
+        self.show(ToolStep(step, title, "complete" if result.ok else "error", said, sources))
+        return result.text
+
+    def cited(self, labels: list[str]) -> list[Section]:
+        """The repository files among an answer's cited ``labels`` (a path, perhaps with a
+        line suffix) that its calls showed, as sources linked at the indexed commit."""
+        paths = dict.fromkeys(
+            re.split(r"[\s:#(]", label.strip(), maxsplit=1)[0] for label in labels
+        )
+        return [
+            Section(path, "", "", self.index.link(path, self.shown[path]))
+            for path in paths
+            if path in self.shown
+        ]
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 10. LLM
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 _litellm_module: Any = None
@@ -2540,6 +3409,14 @@ class Usage:
     cached_tokens: int = 0  # prompt tokens read from the prompt cache
     cache_creation_tokens: int = 0  # prompt tokens written to it
     estimated: bool = False
+
+    def add(self, other: Usage) -> None:
+        """Count ``other`` (another round of the same answer) in too."""
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.cache_creation_tokens += other.cache_creation_tokens
+        self.estimated = self.estimated or other.estimated
 
 
 # The longest answer the model may write: a Slack thread reply, not an essay.
@@ -2777,11 +3654,16 @@ def stream_completion(
     *,
     client: Any = None,
     user: str | None = None,
+    tools: list[dict] | None = None,
+    calls: dict[int, ToolCall] | None = None,
+    answer_by: float | None = None,
 ) -> Generator[str, None, None]:
-    """Stream the answer's text from the gateway, filling ``usage`` when the gateway reports it.
+    """Stream the answer's text from the gateway, filling ``usage`` when the gateway reports it
+    and, when ``tools`` are offered, ``calls`` with the tool calls the model makes.
 
     One deadline to the first token, across every attempt: LEDGER_BOT_LLM_TIMEOUT_SECONDS from
-    the call; the whole answer ends by LEDGER_BOT_ANSWER_MAX_SECONDS. Retries follow
+    the call; the whole answer ends by ``answer_by`` (default: LEDGER_BOT_ANSWER_MAX_SECONDS
+    from the call). Retries follow
     ``_retry_delay``. Every setting is passed per call (litellm's module globals race between
     threads). Closing the generator closes the HTTP stream, so the gateway stops generating
     (and billing). Raises LLMFailure.
@@ -2796,7 +3678,8 @@ def stream_completion(
     register_alias(gateway.ledger_bot_model)
     start = time.monotonic()
     first_token_by = start + gateway.ledger_bot_llm_timeout_seconds
-    answer_by = start + gateway.ledger_bot_answer_max_seconds
+    answer_by = answer_by or start + gateway.ledger_bot_answer_max_seconds
+    first_token_by = min(first_token_by, answer_by)
     extra_body = {"metadata": {"tags": ["ledger-bot", f"env:{gateway.ledger_bot_environment}"]}}
     attempt = 0
     while True:
@@ -2820,6 +3703,7 @@ def stream_completion(
                 stream_options={"include_usage": True},
                 user=user,
                 extra_body=extra_body,
+                **({"tools": tools} if tools else {}),
             )
             break
         except Exception as exc:
@@ -2841,8 +3725,10 @@ def stream_completion(
         for chunk in _sse_chunks(raw, answer_by, gateway.ledger_bot_answer_max_seconds):
             choices = chunk.get("choices") or []
             if choices:
-                text = (choices[0].get("delta") or {}).get("content")
-                if text:
+                delta = choices[0].get("delta") or {}
+                if delta.get("tool_calls") and calls is not None:
+                    gather_tool_calls(delta["tool_calls"], calls)
+                if text := delta.get("content"):
                     yield text
             if chunk.get("usage"):
                 _read_usage(chunk["usage"], usage)
@@ -2913,8 +3799,156 @@ def _read_usage(reported: dict, usage: Usage) -> None:
     )
 
 
+# After LEDGER_BOT_TOOL_ROUNDS rounds of tool calls the model must answer. Bedrock has no
+# tool_choice "none" (the gateway answers 400 UnsupportedParamsError) and rejects tool history
+# without the tools, so the last round keeps them, and the last tool result says so instead.
+LAST_ROUND_NOTE = "\n\n(No more tool calls are possible now: answer from what you have.)"
+TOOL_ROUNDS_SPENT = (
+    "(I ran out of repository lookups before I could answer. Please ask a narrower question.)"
+)
+TOOL_RESULT_DROPPED = "(Tool result removed: the conversation no longer fits the model's context.)"
+
+
+def converse(
+    gateway: GatewaySettings,
+    messages: list[dict],
+    usage: Usage,
+    *,
+    tools: ToolSession | None,
+    budget: int,
+    count: Callable[[str], int],
+    client: Any = None,
+    user: str | None = None,
+) -> Generator[str, None, None]:
+    """The answer's text, streamed. Without ``tools``: one ``stream_completion``, as ever.
+    With them, as many rounds as the model's tool calls take: at most LEDGER_BOT_TOOL_ROUNDS
+    rounds of calls, then one in which it must answer. Between rounds the calls run
+    (``ToolSession.call``: Stop and shutdown raise from there) and ``messages`` grows by the
+    assistant's calls and one ``tool`` message per call. Every request carries the same
+    ``tools``, never ``tool_choice`` or ``parallel_tool_calls``; each round has its own
+    first-token deadline, the whole answer one LEDGER_BOT_ANSWER_MAX_SECONDS. ``usage`` sums
+    every round (a cut round estimated). Before a round, tool results are cut, oldest first,
+    until the prompt fits ``budget`` tokens; the question never is."""
+    if tools is None:
+        yield from stream_completion(gateway, messages, usage, client=client, user=user)
+        return
+    answer_by = time.monotonic() + gateway.ledger_bot_answer_max_seconds
+    rounds, said = 0, False
+    while True:
+        if rounds:
+            fit_tool_results(messages, count, budget)
+        calls: dict[int, ToolCall] = {}
+        part, text = Usage(), list[str]()
+        try:
+            for piece in stream_completion(
+                gateway,
+                messages,
+                part,
+                client=client,
+                user=user,
+                tools=TOOL_SCHEMAS,
+                calls=calls,
+                answer_by=answer_by,
+            ):
+                if said and not text:
+                    yield "\n\n"  # a new round's text is a new paragraph
+                text.append(piece)
+                yield piece
+        finally:
+            written = "".join(text) + "".join(c.arguments for c in calls.values())
+            if not part.completion_tokens and written:
+                estimate_usage(part, messages, written, count)
+            usage.add(part)
+        said = said or bool(text)
+        if not calls:
+            return
+        if rounds >= gateway.ledger_bot_tool_rounds:
+            if not said:
+                yield TOOL_ROUNDS_SPENT
+            return
+        ordered = [calls[i] for i in sorted(calls)]
+        for n, call in enumerate(ordered):
+            call.id = call.id or f"call_{rounds}_{n}"
+        messages.append(assistant_tool_turn("".join(text), ordered))
+        messages.extend(
+            {"role": "tool", "tool_call_id": call.id, "content": tools.call(call)}
+            for call in ordered
+        )
+        rounds += 1
+        if rounds >= gateway.ledger_bot_tool_rounds:
+            messages[-1]["content"] += LAST_ROUND_NOTE
+
+
+def assistant_tool_turn(text: str, calls: list[ToolCall]) -> dict:
+    """The assistant's turn that asked for ``calls``, as the next request must repeat it. An
+    argument string that is not a JSON object (a call cut by the output limit) is sent as
+    ``{}``: the tool result already told the model its arguments were invalid."""
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": _json_object(call.arguments)},
+            }
+            for call in calls
+        ],
+    }
+
+
+def _json_object(arguments: str) -> str:
+    try:
+        return arguments if isinstance(json.loads(arguments), dict) else "{}"
+    except ValueError:
+        return "{}"
+
+
+def message_tokens(message: dict, count: Callable[[str], int]) -> int:
+    """One chat message's tokens: its text, images at IMAGE_TOKENS each, its tool calls'
+    arguments, and a few for the framing."""
+    content = message.get("content")
+    if isinstance(content, list):
+        tokens = sum(
+            count(part.get("text") or "") if part.get("type") == "text" else IMAGE_TOKENS
+            for part in content
+        )
+    else:
+        tokens = count(content or "")
+    calls = message.get("tool_calls") or []
+    return tokens + sum(count(c["function"]["arguments"]) for c in calls) + 4
+
+
+def fit_tool_results(messages: list[dict], count: Callable[[str], int], budget: int) -> None:
+    """Replace tool results with TOOL_RESULT_DROPPED, oldest first, until ``messages`` fit
+    ``budget`` tokens (if they cannot, the gateway's context error ends the answer)."""
+    total = sum(message_tokens(m, count) for m in messages)
+    for message in messages:
+        if total <= budget:
+            return
+        if message.get("role") == "tool" and message["content"] != TOOL_RESULT_DROPPED:
+            total -= count(message["content"]) - count(TOOL_RESULT_DROPPED)
+            message["content"] = TOOL_RESULT_DROPPED
+
+
+def estimate_usage(
+    usage: Usage, messages: list[dict], text: str, count: Callable[[str], int]
+) -> None:
+    """A cut answer's tokens, counted because the gateway never reported them: the whole
+    prompt was read, and what arrived of the answer was generated. Images count IMAGE_TOKENS
+    each, not as the characters of their base64 (a 1 MB screenshot would otherwise count
+    ~950,000 tokens against the person's budget)."""
+    if not usage.prompt_tokens:
+        text_only, images = without_images(messages)
+        usage.prompt_tokens = (
+            count(json.dumps(text_only, ensure_ascii=False)) + images * IMAGE_TOKENS
+        )
+    usage.completion_tokens = count(text)
+    usage.estimated = True
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 10. Reply delivery
+# 11. Reply delivery
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 # Slack documents 12,000 characters for a markdown block and for markdown_text, but rejects a
@@ -2962,33 +3996,43 @@ class Outbox:
     accepted, as it goes, so after a failure ``text`` is exactly what is not shown."""
 
     text: str = ""
+    tasks: list[dict] = dataclasses.field(default_factory=list)  # task_update chunks
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.tasks)
+
+    def then(self, later: Outbox) -> Outbox:
+        """This Outbox's content, then ``later``'s."""
+        return Outbox(self.text + later.text, self.tasks + later.tasks)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ending:
     """How a reply ends: the state it ends in, the metadata of its last message, and what goes
-    under it (the sources it cited, the feedback buttons)."""
+    under it (the sources it cited, the feedback buttons), made by ``blocks()`` when sent."""
 
     state: str  # finished | failed | interrupted
     metadata_type: str
+    ref: str
+    serials: Iterator[int]  # the reply's: block_ids new on every message and every update
     feedback: bool = False
     sources: tuple[Section, ...] = ()
 
-    def blocks(self, ref: str, serial: int) -> list[dict] | None:
-        """The blocks under the reply's last message; ``serial`` makes their block_ids new on
-        every message and every update, as Slack requires."""
-        blocks = [sources_block(list(self.sources), ref, serial)] if self.sources else []
-        blocks += feedback_blocks(ref, serial) if self.feedback else []
+    def blocks(self) -> list[dict] | None:
+        """The blocks under the reply's last message, with new block_ids (Slack requires)."""
+        serial = next(self.serials)
+        blocks = [sources_block(list(self.sources), self.ref, serial)] if self.sources else []
+        blocks += feedback_blocks(self.ref, serial) if self.feedback else []
         return blocks or None
-
-
-Closing = Callable[[], "list[dict] | None"]  # the blocks under the last message, made when sent
 
 
 class StreamDelivery:
     """A reply written as Slack streams it: ``chat.startStream``, ``appendStream`` and
     ``stopStream`` (the bot's only stream calls), rolling over to a new message before Slack's
-    size limit (``next_piece``). Used by the holder of the reply's ``_turn`` only.
+    size limit (``next_piece``). With ``chunks`` (a reply that may show tool calls) every call
+    sends ``chunks``, the text as markdown_text chunks beside the Outbox's task updates (Slack
+    refuses a stream that mixes the two ways: ``streaming_mode_mismatch``); without, the text
+    goes as ``markdown_text``. Used by the holder of the reply's ``_turn`` only.
 
     ``send`` raises SlackBusy when a call's budget is spent (the text waits, and goes with the
     next, larger append), SlackError when Slack refuses (``stopped_by_user`` once the person
@@ -2996,13 +4040,21 @@ class StreamDelivery:
 
     name = "streaming"
 
-    def __init__(self, api: SlackApi, q: Question, ref: str, on_shown: Callable[[str], None]):
+    def __init__(
+        self,
+        api: SlackApi,
+        q: Question,
+        ref: str,
+        on_shown: Callable[[str], None],
+        chunks: bool = False,
+    ):
         self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
+        self.chunks = chunks
         self.visible: _Visible | None = None
 
-    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
+    def send(self, box: Outbox, ending: Ending | None, wait: float) -> None:
         """Write ``box.text`` into the open stream and its successors; with an ``ending``, all
-        of it, the last message ended with ``closing()`` under it, waiting up to ``wait`` s."""
+        of it, ``ending.blocks()`` under the last message, waiting up to ``wait`` s."""
         while True:
             shown = self.visible.shown if self.visible else ""
             send, rest, end = next_piece(
@@ -3010,9 +4062,9 @@ class StreamDelivery:
             )
             last = ending is not None and not end
             if self.visible is None:
-                if not send:
+                if not (send or box.tasks):
                     return
-                ts = self._start(send, wait=wait / 2 if ending else 0)
+                ts = self._start(send, box, wait=wait / 2 if ending else 0)
                 self.visible = _Visible(ts, send, streaming=True)
                 self.on_shown(send)
                 box.text = rest
@@ -3020,8 +4072,8 @@ class StreamDelivery:
                     return
                 send = ""
             elif not (end or last):
-                if send:
-                    self._append(send)
+                if send or box.tasks:
+                    self._append(send, box)
                     self.visible.shown += send
                     self.on_shown(send)
                     box.text = rest
@@ -3029,8 +4081,9 @@ class StreamDelivery:
             # This message ends here, with ``send`` as its last text.
             self._stop(
                 send,
+                box,
                 metadata_type=ending.metadata_type if last and ending else ANSWER_METADATA,
-                blocks=closing() if last else None,
+                blocks=ending.blocks() if last and ending else None,
                 wait=wait if ending else 5,
             )
             self.on_shown(send)
@@ -3048,7 +4101,7 @@ class StreamDelivery:
         if v is None or not v.streaming:
             return v, True
         try:
-            self._stop("", metadata_type=NOTICE_METADATA, blocks=None, wait=wait)
+            self._stop("", Outbox(), metadata_type=NOTICE_METADATA, blocks=None, wait=wait)
         except SlackError as e:
             if e.code not in STREAM_GONE_CODES:
                 log_event(logging.WARNING, "stream_stop_failed", ref=self.ref, error=e.code)
@@ -3061,23 +4114,24 @@ class StreamDelivery:
         """The person pressed Stop: end the stream as Slack expects; what it shows stays."""
         if self.visible is not None and self.visible.streaming:
             with contextlib.suppress(SlackError):
-                self._stop("", metadata_type=ANSWER_METADATA, blocks=None, wait=5)
+                self._stop("", Outbox(), metadata_type=ANSWER_METADATA, blocks=None, wait=5)
             self.visible.streaming = False
 
-    def _start(self, markdown: str, *, wait: float) -> str:
+    def _start(self, markdown: str, box: Outbox, *, wait: float) -> str:
         """``chat.startStream`` with the first text; the streaming message's ts."""
         resp = self.api.call(
             "chat.startStream",
             wait=wait,
             channel=self.q.channel,
             thread_ts=self.q.thread_ts,
-            markdown_text=markdown,
             recipient_user_id=self.q.user,
             recipient_team_id=self.q.team or None,
+            **self._content(markdown, box),
         )
+        box.tasks = []
         return _field(resp, "ts", "chat.startStream")
 
-    def _append(self, markdown: str) -> None:
+    def _append(self, markdown: str, box: Outbox) -> None:
         """``chat.appendStream`` (never waits: the text goes with the next append instead)."""
         assert self.visible is not None
         self.api.call(
@@ -3085,10 +4139,13 @@ class StreamDelivery:
             wait=0,
             channel=self.q.channel,
             ts=self.visible.ts,
-            markdown_text=markdown,
+            **self._content(markdown, box),
         )
+        box.tasks = []
 
-    def _stop(self, markdown: str, *, metadata_type: str, blocks: list | None, wait: float) -> None:
+    def _stop(
+        self, markdown: str, box: Outbox, *, metadata_type: str, blocks: list | None, wait: float
+    ) -> None:
         """``chat.stopStream``: the last text, then the message is final (blocks, metadata)."""
         assert self.visible is not None
         self.api.call(
@@ -3096,10 +4153,19 @@ class StreamDelivery:
             wait=wait,
             channel=self.q.channel,
             ts=self.visible.ts,
-            markdown_text=markdown or None,
             blocks=blocks or None,
             metadata=message_metadata(metadata_type, self.ref),
+            **self._content(markdown, box),
         )
+        box.tasks = []
+
+    def _content(self, markdown: str, box: Outbox) -> dict[str, Any]:
+        """A stream call's text, and in chunks mode the Outbox's task updates (they leave it
+        once the call is made)."""
+        if not self.chunks:
+            return {"markdown_text": markdown or None}
+        chunks = [{"type": "markdown_text", "text": markdown}] if markdown else []
+        return {"chunks": chunks + box.tasks or None}
 
 
 class PostDelivery:
@@ -3122,8 +4188,10 @@ class PostDelivery:
         self.visible = visible
         self.last_update = 0.0
 
-    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
-        """Write ``box.text`` (before the ending, only by growing the visible message)."""
+    def send(self, box: Outbox, ending: Ending | None, wait: float) -> None:
+        """Write ``box.text`` (before the ending, only by growing the visible message). Task
+        updates cannot show in posted messages (the status line showed them): they go."""
+        box.tasks = []
         v, text = self.visible, box.text
         if ending is None:
             if v is None:
@@ -3138,7 +4206,7 @@ class PostDelivery:
                 v.shown, box.text = combined, ""
                 self.on_shown(text)
             return
-        blocks = closing()
+        blocks = ending.blocks()
         rest: list[str]
         if v is not None:
             pieces = split_message(v.shown + text, MARKDOWN_LIMIT)
@@ -3201,26 +4269,40 @@ class Delivery:
     raises what even posting cannot absorb, as SlackBusy or SlackError."""
 
     def __init__(
-        self, api: SlackApi, q: Question, ref: str, on_shown: Callable[[str], None], *, stream: bool
+        self,
+        api: SlackApi,
+        q: Question,
+        ref: str,
+        on_shown: Callable[[str], None],
+        *,
+        stream: bool,
+        chunks: bool = False,
     ):
         self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
         self.current: StreamDelivery | PostDelivery = (
-            StreamDelivery(api, q, ref, on_shown) if stream else PostDelivery(api, q, ref, on_shown)
+            StreamDelivery(api, q, ref, on_shown, chunks)
+            if stream
+            else PostDelivery(api, q, ref, on_shown)
         )
 
     @property
     def name(self) -> str:
         return self.current.name
 
+    @property
+    def chunks(self) -> bool:
+        """Is it streaming in chunks (so task updates can show)?"""
+        return isinstance(self.current, StreamDelivery) and self.current.chunks
+
     def into_placeholder(self, ts: str) -> None:
         """Post, growing the placeholder ``ts`` first."""
         self.current = PostDelivery(self.api, self.q, self.ref, self.on_shown, _Visible(ts))
 
-    def send(self, box: Outbox, ending: Ending | None, closing: Closing, wait: float) -> None:
+    def send(self, box: Outbox, ending: Ending | None, wait: float) -> None:
         current = self.current
         if isinstance(current, StreamDelivery):
             try:
-                current.send(box, ending, closing, wait)
+                current.send(box, ending, wait)
                 return
             except SlackBusy:
                 if current.visible is not None:
@@ -3241,7 +4323,7 @@ class Delivery:
                 )
                 if not self.post_instead(wait) and ending and not box.text.strip():
                     raise  # nothing left to post the ending with: the reply is not finished
-        self.current.send(box, ending, closing, wait)
+        self.current.send(box, ending, wait)
 
     def post_instead(self, wait: float) -> bool:
         """From now on, post: end an open stream and continue from what it shows. False if
@@ -3287,17 +4369,36 @@ class Feedback:
                 quietly(self.api.add_reaction, channel=self.q.channel, ts=self.q.ts)
             return None
 
-    def status_due(self) -> bool:
-        return (
+    def renew_if_due(self, turn: threading.Lock) -> None:
+        """Renew the status if it is about to expire and ``turn`` (the reply's) is free now."""
+        due = (
             self.status_at is not None and time.monotonic() - self.status_at > STATUS_RENEW_SECONDS
         )
-
-    def renew(self) -> None:
+        if not due or not turn.acquire(blocking=False):
+            return
         try:
             if self.surfaces.set_status(channel=self.q.channel, thread_ts=self.q.thread_ts):
                 self.status_at = time.monotonic()
         except SlackBusy:
             pass  # the next flush tries again
+        finally:
+            turn.release()
+
+    def working(self, title: str) -> None:
+        """The status line says what the bot is doing now (a tool call), where no task UI
+        shows it; never waits, and a refusal changes nothing."""
+        short = (
+            title
+            if len(title) <= LOADING_MESSAGE_CHARS
+            else title[: LOADING_MESSAGE_CHARS - 1] + "…"
+        )
+        with contextlib.suppress(SlackError):
+            self.surfaces.set_status(
+                channel=self.q.channel,
+                thread_ts=self.q.thread_ts,
+                status="is looking in the GL Publisher repository…",
+                loading=(short,),
+            )
 
 
 # Reply states and the moves between them; ``Reply._to`` is the only writer of ``state``.
@@ -3318,23 +4419,21 @@ ENDED_STATES = frozenset({"finished", "stopped", "failed", "interrupted"})
 class Reply:
     """One reply in one thread: visible feedback first, then the answer, whole and in order.
 
-    Its life is one field, ``state`` (REPLY_MOVES): ``thinking`` (nothing of the answer shows
-    yet: Feedback's status, placeholder or 👀), ``streaming`` or ``posting`` (answer text shows,
-    as Delivery writes it), ``closing`` (no more text comes; the last delivery, of the answer
-    or of a notice, is under way or was refused), then ``finished``, ``stopped`` (the person
-    pressed Stop: nothing more is posted, ``add`` raises StoppedByUser), ``failed`` or
-    ``interrupted`` (a notice ended it).
+    Its life is one field, ``state`` (REPLY_MOVES): ``thinking`` (only Feedback shows: status,
+    placeholder or 👀), ``streaming`` or ``posting`` (answer text shows, as Delivery writes it),
+    ``closing`` (the last delivery, of the answer or of a notice, is under way or was refused),
+    then ``finished``, ``stopped`` (the person pressed Stop: nothing more is posted),
+    ``failed`` or ``interrupted`` (a notice ended it).
 
     Small public methods over one worker, ``_deliver``: ``show_feedback``; ``add`` (model
-    text, sent every STREAM_FLUSH_CHARS or STREAM_FLUSH_SECONDS, the first at once);
-    ``flush_if_due`` (the Flusher's); ``finish``, ``fail``, ``interrupt`` (the end).
+    text, sent every STREAM_FLUSH_CHARS or STREAM_FLUSH_SECONDS, the first at once); ``step``
+    (a tool call: a task of a reply streamed with ``tasks``, else the status line);
+    ``flush_if_due`` (the Flusher's); ``finish``, ``fail``, ``interrupt``.
 
-    Concurrency contract. ``_lock`` guards ``pending`` and ``state`` and is never held during
-    a Slack call. ``_turn`` is held by the one thread writing this reply to Slack; only its
-    holder touches the delivery and the feedback. The Flusher only tries ``_turn`` and spends
-    rate budget only if it is free now, so when Slack is busy, flushes coalesce into fewer,
-    larger appends instead of waiting. The end of a reply may wait for budget: it holds
-    ``_turn`` then, which only the Flusher ever contends for.
+    Concurrency contract. ``_lock`` guards ``pending`` and ``state``, never held during a Slack
+    call. ``_turn`` is held by the one thread writing this reply to Slack; only its holder
+    touches the delivery and the feedback. The Flusher only tries ``_turn``, so when Slack is
+    busy, flushes coalesce into fewer, larger appends; the end of a reply may wait for budget.
     """
 
     def __init__(
@@ -3348,19 +4447,19 @@ class Reply:
         feedback: bool,
         received: float,
         metrics: Metrics,
+        tasks: bool = False,
     ):
         self.q, self.ref, self.buttons = question, ref, feedback
         self.received, self.metrics = received, metrics
         self.state = "thinking"
         self.feedback = Feedback(api, surfaces, question, ref)
-        self.delivery = Delivery(api, question, ref, self._shown, stream=streaming)
-        self.pending = ""
+        self.delivery = Delivery(api, question, ref, self._shown, stream=streaming, chunks=tasks)
+        self.pending = Outbox()  # what is still to be sent
         self.first_text_at: float | None = None  # when the answer's first text showed
         self.last_flush = 0.0
-        self._serial = 0
-        self._box = Outbox()  # the text being sent right now (holder of _turn only)
-        self._lock = threading.Lock()
-        self._turn = threading.Lock()
+        self._serials = itertools.count(1)  # block_ids new on every message and update
+        self._box = Outbox()  # what is being sent right now (holder of _turn only)
+        self._lock, self._turn = threading.Lock(), threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -3376,24 +4475,31 @@ class Reply:
                     self._to("posting")
 
     def add(self, text: str) -> None:
-        """The worker's: buffer ``text`` and send what is due. Raises StoppedByUser, or
-        Interrupted once shutdown has ended the reply (only another thread can close it while
-        its worker adds), so the worker stops reading the model."""
+        """The worker's: buffer ``text`` and send what is due. Raises ``_open_or_raise``'s."""
         with self._lock:
-            if self.state == "stopped":
-                raise StoppedByUser()
-            if self.state not in OPEN_STATES:
-                raise Interrupted()
-            self.pending += text
+            self._open_or_raise()
+            self.pending.text += text
             due = (
                 self.first_text_at is None
-                or len(self.pending) >= STREAM_FLUSH_CHARS
+                or len(self.pending.text) >= STREAM_FLUSH_CHARS
                 or self._time_due()
             )
         if due:
             self._deliver()
-        if self.state == "stopped":
-            raise StoppedByUser()
+        self._open_or_raise()
+
+    def step(self, step: ToolStep) -> None:
+        """The worker's: show a tool call starting or ending. Raises like ``add``."""
+        with self._lock:
+            self._open_or_raise()
+            if self.delivery.chunks:
+                self.pending.tasks.append(step.chunk())
+        if self.delivery.chunks:
+            self._deliver(now=True)
+        elif step.status == "in_progress":
+            with self._turn:
+                self.feedback.working(step.title)
+        self._open_or_raise()
 
     def flush_if_due(self) -> None:
         """The Flusher's: send text that has waited STREAM_FLUSH_SECONDS while the model is
@@ -3402,15 +4508,8 @@ class Reply:
             due = bool(self.pending) and self.state in OPEN_STATES and self._time_due()
         if due:
             self._deliver()
-        elif (
-            self.first_text_at is None
-            and self.feedback.status_due()
-            and self._turn.acquire(blocking=False)
-        ):
-            try:
-                self.feedback.renew()
-            finally:
-                self._turn.release()
+        elif self.first_text_at is None:
+            self.feedback.renew_if_due(self._turn)
 
     def finish(self, text: str = "", sources: Iterable[Section] = ()) -> None:
         """Deliver ``text`` and everything pending, and close the reply: sources, then the
@@ -3419,15 +4518,16 @@ class Reply:
             if self.state not in OPEN_STATES:
                 return
             self._to("closing")
-            self.pending += text
-            if not (self.first_text_at is not None or self.pending.strip()):
-                self.pending = EMPTY_ANSWER
-        ending = Ending("finished", ANSWER_METADATA, self.buttons, tuple(sources))
+            self.pending.text += text
+            if not (self.first_text_at is not None or self.pending.text.strip()):
+                self.pending.text = EMPTY_ANSWER
+        ending = Ending(
+            "finished", ANSWER_METADATA, self.ref, self._serials, self.buttons, tuple(sources)
+        )
         self._deliver(ending, wait=FINAL_WAIT_SECONDS)
 
     def fail(self, notice: str) -> bool:
-        """End with ``notice`` after whatever text shows (and what a failed finish left);
-        False (nothing posted) if the reply has ended."""
+        """End with ``notice`` after what shows (and what a failed finish left); False if ended."""
         return self._end_with(notice, "failed", FINAL_WAIT_SECONDS)
 
     def interrupt(self, notice: str) -> bool:
@@ -3441,10 +4541,18 @@ class Reply:
             if self.state in ENDED_STATES:
                 return False
             self._to("closing")
-            shown = self.first_text_at is not None or self.pending
-            self.pending += ("\n\n" if shown else "") + notice
-        self._deliver(Ending(state, NOTICE_METADATA), wait=wait)
+            shown = self.first_text_at is not None or self.pending.text
+            self.pending.text += ("\n\n" if shown else "") + notice
+        self._deliver(Ending(state, NOTICE_METADATA, self.ref, self._serials), wait=wait)
         return True
+
+    def _open_or_raise(self) -> None:
+        """StoppedByUser once the person pressed Stop; Interrupted once shutdown ended the reply
+        (only another thread can, while its worker writes): the worker stops reading the model."""
+        if self.state == "stopped":
+            raise StoppedByUser()
+        if self.state not in OPEN_STATES:
+            raise Interrupted()
 
     def _to(self, state: str) -> None:
         """Move to ``state`` (with ``_lock`` held); a move REPLY_MOVES does not allow is a bug."""
@@ -3455,24 +4563,24 @@ class Reply:
     def _time_due(self) -> bool:
         return time.monotonic() - self.last_flush >= STREAM_FLUSH_SECONDS
 
-    def _deliver(self, ending: Ending | None = None, *, wait: float = 0.0) -> None:
-        """Send pending text to Slack: the one worker under every public method.
+    def _deliver(self, ending: Ending | None = None, *, wait: float = 0, now: bool = False) -> None:
+        """Send pending text and task updates to Slack: the one worker under every public method.
 
-        Takes ``_turn`` (waiting for it only for an ending), moves the pending text to the
-        Outbox under ``_lock``, writes it, and puts back what could not go out yet. With an
+        Takes ``_turn`` (waiting for it only for an ending, or ``now``), moves what is pending to
+        the Outbox under ``_lock``, writes it, and puts back what could not go out yet. With an
         ``ending`` it sends everything, waiting up to ``wait`` s for rate budget, and ends the
         last message; if that fails, the error escapes, no stream is left open (its stop is
         retried with the same wait), and what was not shown stays pending, for ``fail``. A
         flush that cannot go out loses nothing: it goes with the next one."""
-        if not self._turn.acquire(blocking=ending is not None):
+        if not self._turn.acquire(blocking=ending is not None or now):
             return
         try:
             with self._lock:
                 if (self.state != "closing") if ending else (self.state not in OPEN_STATES):
                     return  # ended meanwhile: only the ending's own delivery may write now
-                self._box.text, self.pending = self.pending, ""
+                self._box, self.pending = self.pending, Outbox()
             try:
-                self.delivery.send(self._box, ending, self._closing(ending), wait)
+                self.delivery.send(self._box, ending, wait)
                 if ending is not None:
                     with self._lock:
                         self._to(ending.state)
@@ -3480,7 +4588,7 @@ class Reply:
                 if e.code in STOPPED_CODES:
                     with self._lock:
                         self._to("stopped")
-                        self.pending = self._box.text = ""
+                        self.pending = self._box = Outbox()
                     self.delivery.stopped()
                 elif ending is not None:
                     raise
@@ -3494,18 +4602,11 @@ class Reply:
                 with self._lock:
                     if self.state == "streaming" and self.delivery.name == "posting":
                         self._to("posting")
-                    unsent = "" if self.state == "stopped" else self._box.text
-                    self.pending, self._box.text = unsent + self.pending, ""
+                    if self.state != "stopped":  # what did not go out goes first, next time
+                        self.pending = self._box.then(self.pending)
+                    self._box = Outbox()
         finally:
             self._turn.release()
-
-    def _closing(self, ending: Ending | None) -> Closing:
-        def blocks() -> list[dict] | None:
-            assert ending is not None
-            self._serial += 1
-            return ending.blocks(self.ref, self._serial)
-
-        return blocks
 
     def _shown(self, text: str) -> None:
         """A delivery showed ``text``: the first answer text is when the reply starts showing."""
@@ -3557,7 +4658,7 @@ class Flusher:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 11. Outcomes
+# 12. Outcomes
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -3769,7 +4870,7 @@ class Recorder:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 12. Answering
+# 13. Answering
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 # The questions one person may ask per USER_RATE_WINDOW_SECONDS (LEDGER_BOT_USER_RATE_LIMIT):
@@ -3977,6 +5078,10 @@ class PromptBudget:
         context = context_tokens(model)
         return cls(knowledge=int(context * KNOWLEDGE_SHARE), total=context - ANSWER_MAX_TOKENS)
 
+    def with_tools(self, count: Callable[[str], int]) -> int:
+        """The whole prompt's tokens when the tools' definitions go with it."""
+        return self.total - count(json.dumps(TOOL_SCHEMAS))
+
 
 def build_prompt(
     kb: KnowledgeBase,
@@ -3985,19 +5090,22 @@ def build_prompt(
     me: BotIdentity,
     count: Callable[[str], int],
     budget: PromptBudget,
+    *,
+    tools: bool = False,
 ) -> tuple[list[dict], KnowledgeChoice]:
     """The one prompt pipeline (Slack, ``--ask`` and ``--eval`` alike): knowledge retrieved for
-    the question and the thread's last messages, then the thread turned into chat messages."""
+    the question and the thread's last messages, then the thread turned into chat messages;
+    with ``tools``, the prompt says how to use them and the budget leaves room for them."""
     choice = kb.choose(retrieval_query(question.text, thread), budget.knowledge, count)
     messages = build_llm_messages(
         question=question,
         thread=thread,
         me=me,
-        system_prompt=SYSTEM_PROMPT,
+        system_prompt=f"{SYSTEM_PROMPT}\n\n{TOOLS_PROMPT}" if tools else SYSTEM_PROMPT,
         max_messages=HISTORY_MAX_MESSAGES,
         max_chars=HISTORY_MAX_CHARS,
         knowledge=choice,
-        token_budget=budget.total,
+        token_budget=budget.with_tools(count) if tools else budget.total,
         count_tokens=count,
     )
     return messages, choice
@@ -4008,22 +5116,6 @@ def cited_sections(choice: KnowledgeChoice, labels: list[str]) -> list[Section]:
     label the model made up is dropped)."""
     sent = {s.label: s for s in choice.sections}
     return [sent[label] for label in dict.fromkeys(labels) if label in sent]
-
-
-def estimate_usage(
-    usage: Usage, messages: list[dict], text: str, count: Callable[[str], int]
-) -> None:
-    """A cut answer's tokens, counted because the gateway never reported them: the whole
-    prompt was read, and what arrived of the answer was generated. Images count IMAGE_TOKENS
-    each, not as the characters of their base64 (a 1 MB screenshot would otherwise count
-    ~950,000 tokens against the person's budget)."""
-    if not usage.prompt_tokens:
-        text_only, images = without_images(messages)
-        usage.prompt_tokens = (
-            count(json.dumps(text_only, ensure_ascii=False)) + images * IMAGE_TOKENS
-        )
-    usage.completion_tokens = count(text)
-    usage.estimated = True
 
 
 def attach_images(files: SlackFiles, q: Question, messages: list[dict]) -> tuple[list[dict], str]:
@@ -4183,10 +5275,12 @@ class Answerer:
         feedback: bool,
         follow_ups: bool,
         llm_client: Any = None,
+        repo: RepoStore | None = None,
     ):
         self.slack = slack
         self.me = me
         self.knowledge = knowledge
+        self.repo = repo
         self.limits = limits
         self.notices = notices
         self.recorder = notices.recorder
@@ -4200,6 +5294,7 @@ class Answerer:
         model = gateway.ledger_bot_model
         self.count = token_counter(model)
         self.budget = PromptBudget.for_model(model)
+        self.tool_budget = self.budget.with_tools(self.count) if repo else self.budget.total
         # What a question is assumed to cost until it is answered: a RESERVE_PROMPT_TOKENS
         # prompt, none of it cached, and the longest answer allowed.
         self.reserve_usd = cost_usd(
@@ -4238,6 +5333,7 @@ class Answerer:
                 if job.settle():
                     self.notices.refuse(job, admitted)
                 return admitted.outcome
+            index = self.repo.current() if self.repo else None  # one commit for the answer
             reply = Reply(
                 self.slack.api,
                 self.slack.surfaces,
@@ -4247,6 +5343,7 @@ class Answerer:
                 feedback=self.feedback,
                 received=job.received,
                 metrics=self.recorder.metrics,
+                tasks=index is not None,
             )
             self.open.replying(job, reply)
             reply.show_feedback()
@@ -4269,7 +5366,10 @@ class Answerer:
                     )
                 )
             kb = self.knowledge.current()
-            messages, choice = build_prompt(kb, q, thread, self.me, self.count, self.budget)
+            tools = ToolSession(index, reply.step, self.recorder.metrics) if index else None
+            messages, choice = build_prompt(
+                kb, q, thread, self.me, self.count, self.budget, tools=tools is not None
+            )
             messages, files_note = attach_images(self.slack.files, q, messages)
             log_event(
                 logging.DEBUG,
@@ -4280,10 +5380,13 @@ class Answerer:
             )
             log_event(logging.DEBUG, "llm_request", ref=job.ref, messages=messages[1:])
             text = AnswerText()
-            stream = stream_completion(
+            stream = converse(
                 self.gateway,
                 messages,
                 usage,
+                tools=tools,
+                budget=self.tool_budget,
+                count=self.count,
                 client=self.llm_client,
                 user=gateway_user(self.gateway.litellm_developer_key, q.team, q.user),
             )
@@ -4296,7 +5399,7 @@ class Answerer:
             finally:
                 stream.close()  # after Stop or a failure: the gateway stops generating
             rest, labels = text.end()
-            cited = cited_sections(choice, labels)
+            cited = cited_sections(choice, labels) + (tools.cited(labels) if tools else [])
             reply.finish(rest + neutralise_broadcasts(files_note), cited)
             if reply.state == "stopped":
                 raise StoppedByUser()
@@ -4338,7 +5441,7 @@ class Answerer:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 13. Dispatch
+# 14. Dispatch
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -4713,7 +5816,7 @@ class Dispatcher:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 14. Socket Mode
+# 15. Socket Mode
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 PING_INTERVAL_SECONDS = 3.0  # slack_sdk pings this often (its own stale check: 4 missed pongs)
@@ -4983,7 +6086,7 @@ class SocketLink:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 15. Terminal: --check, --ask, --eval
+# 16. Terminal: --check, --ask, --eval
 # ════════════════════════════════════════════════════════════════════════════════════════
 # The same prompt, retrieval, model call and sources as in Slack, without Slack: how a
 # knowledge curator checks a document change, how a newcomer tries the bot, and the gate
@@ -5022,13 +6125,23 @@ def answer_in_terminal(
     messages: list[dict],
     choice: KnowledgeChoice,
     write: Callable[[str], Any] = lambda text: None,
+    tools: ToolSession | None = None,
 ) -> ModelAnswer:
-    """Stream one answer through the gateway, writing what a person would see as it arrives."""
+    """Stream one answer through the gateway (and ``tools``), writing what a person would see
+    as it arrives."""
     started, usage, text, shown = time.monotonic(), Usage(), AnswerText(), []
+    count = token_counter(gateway.ledger_bot_model)
+    budget = PromptBudget.for_model(gateway.ledger_bot_model)
     failure = None
     try:
-        for chunk in stream_completion(
-            gateway, messages, usage, user=gateway_user(gateway.litellm_developer_key, "", "you")
+        for chunk in converse(
+            gateway,
+            messages,
+            usage,
+            tools=tools,
+            budget=budget.with_tools(count),
+            count=count,
+            user=gateway_user(gateway.litellm_developer_key, "", "you"),
         ):
             out = text.feed(chunk)
             shown.append(out)
@@ -5038,14 +6151,31 @@ def answer_in_terminal(
     rest, labels = text.end()
     write(rest)
     shown.append(rest)
-    return ModelAnswer(
-        "".join(shown), cited_sections(choice, labels), usage, time.monotonic() - started, failure
-    )
+    cited = cited_sections(choice, labels) + (tools.cited(labels) if tools else [])
+    return ModelAnswer("".join(shown), cited, usage, time.monotonic() - started, failure)
 
 
-def run_ask(gateway: GatewaySettings, question: str, out: Any) -> int:
-    """``--ask``: one question answered in the terminal; exit 0, or 1 if the gateway failed."""
+def terminal_index(settings: KnowledgeSettings, err: Any) -> RepoIndex | None:
+    """The repository index for a terminal mode, built now; None (and why, on ``err``)
+    without LEDGER_BOT_REPO or when it cannot be indexed."""
+    if settings.repo_path is None:
+        return None
+    try:
+        index = RepoIndex.build(settings.repo_path, settings.ledger_bot_repo_url)
+    except (OSError, sqlite3.Error, RetrievalUnavailable) as e:
+        print(f"ledger-bot: LEDGER_BOT_REPO cannot be indexed ({e}); no repository tools", file=err)
+        return None
+    if not index.paths:
+        print(f"ledger-bot: LEDGER_BOT_REPO {settings.repo_path} holds no text files", file=err)
+        return None
+    return index
+
+
+def run_ask(gateway: GatewaySettings, question: str, out: Any, err: Any = sys.stderr) -> int:
+    """``--ask``: one question answered in the terminal, each tool call on a line of its own;
+    exit 0, or 1 if the gateway failed."""
     kb = KnowledgeBase(load_knowledge(gateway.knowledge_path))
+    index = terminal_index(gateway, err)
     model = gateway.ledger_bot_model
     try:
         messages, choice = build_prompt(
@@ -5055,6 +6185,7 @@ def run_ask(gateway: GatewaySettings, question: str, out: Any) -> int:
             TERMINAL_ME,
             token_counter(model),
             PromptBudget.for_model(model),
+            tools=index is not None,
         )
     except QuestionTooLong:
         print(OUTCOMES["context_too_long"].notice, file=out)
@@ -5064,7 +6195,11 @@ def run_ask(gateway: GatewaySettings, question: str, out: Any) -> int:
         out.write(text)
         out.flush()
 
-    result = answer_in_terminal(gateway, messages, choice, write)
+    def show(step: ToolStep) -> None:
+        write(f"\n[{step.title} …" if step.status == "in_progress" else f" {step.output}]\n")
+
+    tools = ToolSession(index, show) if index else None
+    result = answer_in_terminal(gateway, messages, choice, write, tools)
     out.write("\n")
     if result.cited:
         out.write(
@@ -5081,7 +6216,10 @@ def run_ask(gateway: GatewaySettings, question: str, out: Any) -> int:
 class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
     """One golden question: what a person asks (after ``thread``, their earlier messages in
     the thread, oldest first), the section labels that answer it ([] = the knowledge cannot,
-    and the answer must cite nothing), and facts a right answer contains or must not."""
+    and the answer must cite nothing), and facts a right answer contains or must not. A
+    repository question names instead the ``tool`` (and ``tool_args``) that should find its
+    ``expect_files``: offline that call is ranked, online the answer must call a tool and
+    cite one of the files."""
 
     id: str
     question: str
@@ -5089,6 +6227,9 @@ class EvalQuestion(msgspec.Struct, forbid_unknown_fields=True):
     expect_sections: list[str] = []
     must_contain: list[str] = []
     must_not_contain: list[str] = []
+    tool: str = ""
+    tool_args: dict[str, Any] = {}
+    expect_files: list[str] = []
 
 
 class EvalSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -5097,10 +6238,12 @@ class EvalSpec(msgspec.Struct, forbid_unknown_fields=True):
     production; a small one measures retrieval instead of the whole-prompt path), LEDGER_BOT_*
     settings to evaluate under, ``k`` for the ranked measures, and the floors that fail the run
     (any measure of the summary: ``recall``, ``precision``, ``recall_at_k``, ``mrr``,
-    ``ndcg_at_k`` offline; ``answers`` online)."""
+    ``ndcg_at_k`` offline; ``answers`` online). ``repo``: the repository checkout the tools
+    read (relative to the file; default: LEDGER_BOT_REPO)."""
 
     questions: list[EvalQuestion]
     knowledge: str = ""
+    repo: str = ""
     knowledge_budget: Annotated[int, msgspec.Meta(ge=1)] | None = None
     settings: dict[str, str] = {}
     thresholds: dict[str, float] = {}
@@ -5129,6 +6272,11 @@ def load_eval(path: Path) -> EvalSpec:
     if bad:
         raise EvalError(
             f"{path}: settings may only name LEDGER_BOT_* variables, not {', '.join(bad)}"
+        )
+    unknown = sorted({q.tool for q in spec.questions if q.tool} - TOOLS.keys())
+    if unknown:
+        raise EvalError(
+            f"{path}: no such tool: {', '.join(unknown)}; the tools are {', '.join(TOOLS)}"
         )
     return spec
 
@@ -5193,13 +6341,25 @@ def run_eval(
     online = isinstance(settings, GatewaySettings)
     root = (spec_path.parent / spec.knowledge) if spec.knowledge else settings.knowledge_path
     kb = KnowledgeBase(load_knowledge(root))
+    if spec.repo:
+        settings = msgspec.structs.replace(
+            settings, ledger_bot_repo=str(spec_path.parent / spec.repo)
+        )
+    index = terminal_index(settings, out)
     unknown = sorted(
         {label for q in spec.questions for label in q.expect_sections}
         - {s.label for s in kb.sections}
+    ) + sorted(
+        {f for q in spec.questions for f in q.expect_files}
+        - (index.paths.keys() if index else set())
     )
-    if unknown:
+    if unknown or (index is None and any(q.tool for q in spec.questions)):
+        where = f"{root}" + (f" or {settings.repo_path}" if settings.repo_path else "")
         print(
-            f"eval: {len(unknown)} expected section(s) not in {root}: " + "; ".join(unknown),
+            f"eval: {len(unknown)} expected section(s) or file(s) not in {where}: "
+            + "; ".join(unknown)
+            if unknown
+            else "eval: the questions need a repository (repo: in the file, or LEDGER_BOT_REPO)",
             file=out,
         )
         return EXIT_CONFIG
@@ -5212,21 +6372,30 @@ def run_eval(
     for q in spec.questions:
         thread = eval_thread(q.thread)
         asked = terminal_question(q.question)
-        messages, choice = build_prompt(kb, asked, thread, TERMINAL_ME, count, budget)
-        ranked = [s.label for s in kb.rank(retrieval_query(asked.text, thread))]
+        messages, choice = build_prompt(
+            kb, asked, thread, TERMINAL_ME, count, budget, tools=index is not None
+        )
+        if q.tool:
+            assert index is not None
+            found = run_tool(index, q.tool, json.dumps(q.tool_args))
+            ranked = list(dict.fromkeys(path for path, _ in found.files))
+        else:
+            ranked = [s.label for s in kb.rank(retrieval_query(asked.text, thread))]
+        expected = q.expect_files if q.tool else q.expect_sections
         recall, precision = retrieval_scores(q.expect_sections, choice.labels)
         row: dict[str, Any] = {
             "id": q.id,
-            **ranked_scores(q.expect_sections, ranked, spec.k),
+            "tool": q.tool,
+            **ranked_scores(expected, ranked, spec.k),
             "recall": recall,
             "precision": precision,
             "whole": choice.whole,
             "ranked": ranked[: spec.k],
             "retrieved": list(choice.labels),
-            "expected": q.expect_sections,
+            "expected": expected,
         }
         if isinstance(settings, GatewaySettings):
-            row.update(_answer_checks(settings, q, messages, choice))
+            row.update(_answer_checks(settings, q, messages, choice, index))
         rows.append(row)
     summary = _eval_summary(budget, spec, rows, online)
     _print_eval(rows, summary, spec.k, online, out)
@@ -5248,26 +6417,35 @@ def run_eval(
 
 
 def _answer_checks(
-    gateway: GatewaySettings, q: EvalQuestion, messages: list[dict], choice: KnowledgeChoice
+    gateway: GatewaySettings,
+    q: EvalQuestion,
+    messages: list[dict],
+    choice: KnowledgeChoice,
+    index: RepoIndex | None,
 ) -> dict[str, Any]:
-    """One golden question answered through the gateway and checked: the must / must-not
-    facts, and citations (only expected sections; none at all where the knowledge cannot
-    answer)."""
-    result = answer_in_terminal(gateway, messages, choice)
+    """One golden question answered through the gateway (with the tools, given an ``index``)
+    and checked: the must / must-not facts, and citations (only expected sections; none at
+    all where the knowledge cannot answer; for a repository question, a tool call and one of
+    its expected files)."""
+    tools = ToolSession(index, lambda step: None) if index else None
+    result = answer_in_terminal(gateway, messages, choice, tools=tools)
     lowered = result.text.lower()
     cited = [s.label for s in result.cited]
+    files = set(q.expect_files)
     checks: dict[str, Any] = {
         "missing": [m for m in q.must_contain if m.lower() not in lowered],
         "forbidden": [m for m in q.must_not_contain if m.lower() in lowered],
         "cited": cited,
-        "cited_unexpected": [c for c in cited if c not in q.expect_sections],
+        "cited_unexpected": [] if q.tool else [c for c in cited if c not in q.expect_sections],
+        "tool_calls": tools.calls if tools else 0,
+        "cited_expected_file": bool(files & set(cited)) if q.tool else None,
         "seconds": round(result.seconds, 2),
         "cost_usd": round(cost_usd(gateway.ledger_bot_model, result.usage), 6),
         "failure": result.failure.kind if result.failure else None,
     }
     checks["passed"] = not (
         checks["missing"] or checks["forbidden"] or checks["cited_unexpected"] or checks["failure"]
-    )
+    ) and (not q.tool or (checks["tool_calls"] > 0 and checks["cited_expected_file"]))
     return checks
 
 
@@ -5277,7 +6455,8 @@ def _eval_summary(
     covered = [r for r in rows if r["expected"]]
     summary: dict[str, Any] = {
         "questions": len(rows),
-        "covered": len(covered),
+        "covered": sum(1 for r in covered if not r["tool"]),
+        "repository": sum(1 for r in rows if r["tool"]),
         "k": spec.k,
         "knowledge_budget_tokens": budget.knowledge,
         "whole_knowledge": all(r["whole"] for r in rows),
@@ -5286,6 +6465,14 @@ def _eval_summary(
         "precision": _mean([r["precision"] for r in rows]),
         "all_expected_retrieved": sum(1 for r in rows if r["recall"] == 1.0),
         "top_k_misses": [r["id"] for r in covered if not r["recall_at_k"]],
+        "tools": {
+            tool: {
+                "questions": len(mine),
+                **{name: _mean([r[name] for r in mine]) for name in RANKED_MEASURES},
+            }
+            for tool in dict.fromkeys(r["tool"] for r in rows if r["tool"])
+            if (mine := [r for r in rows if r["tool"] == tool])
+        },
     }
     if online:
         seconds = sorted(r["seconds"] for r in rows)
@@ -5307,6 +6494,7 @@ def _print_eval(
     rows: list[dict[str, Any]], summary: dict[str, Any], k: int, online: bool, out: Any
 ) -> None:
     width = max([len(r["id"]) for r in rows] + [8])
+    repository = f"; {summary['repository']} repository questions" if summary["repository"] else ""
     head = f"{'question':<{width}}  recall@{k}   MRR  nDCG@{k}  recall  precision  sections" + (
         "  answer  seconds  cost_usd" if online else ""
     )
@@ -5327,9 +6515,16 @@ def _print_eval(
         f"{_num(summary['precision'])}   (all expected sections in the prompt for "
         f"{summary['all_expected_retrieved']} of {summary['covered']} covered questions; "
         f"knowledge budget {summary['knowledge_budget_tokens']} tokens"
-        f"{', whole knowledge in every prompt' if summary['whole_knowledge'] else ''})",
+        f"{', whole knowledge in every prompt' if summary['whole_knowledge'] else ''}"
+        f"{repository})",
         file=out,
     )
+    for tool, measures in summary["tools"].items():
+        print(
+            f"{tool:<{width}}  {_num(measures['recall_at_k'])}   {_num(measures['mrr'])}  "
+            f"{_num(measures['ndcg_at_k'])}   ({measures['questions']} questions)",
+            file=out,
+        )
     if online:
         print(
             f"answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
@@ -5355,6 +6550,18 @@ def eval_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], k: int, o
             f"Answers passing: {summary['answers']:.2f}; cost {summary['cost_usd']} USD; "
             f"p50 {summary['seconds_p50']} s."
         )
+    if summary["tools"]:
+        lines += [
+            "",
+            f"| tool | questions | recall@{k} | MRR | nDCG@{k} |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{tool}` | {m['questions']} | "
+            + " | ".join(_num(m[name]).strip() for name in RANKED_MEASURES)
+            + " |"
+            for tool, m in summary["tools"].items()
+        ]
     head = ["question", f"recall@{k}", "MRR", f"nDCG@{k}", "recall", "precision"]
     if online:
         head += ["answer", "missing", "cited unexpectedly", "seconds", "cost (USD)"]
@@ -5415,6 +6622,16 @@ def run_check(config: Config, out: Any) -> int:
             False,
             f"model {config.ledger_bot_model} at {config.litellm_base_url}: {e.kind} ({e.detail})",
         )
+    if config.repo_path is not None:
+        err = io.StringIO()
+        index = terminal_index(config, err)
+        report(
+            "repository",
+            index is not None,
+            f"{len(index.paths)} files indexed at commit {index.commit or 'unknown'}"
+            if index
+            else err.getvalue().strip().removeprefix("ledger-bot: "),
+        )
     print("RESULT: " + ("PASS" if ok else "FAIL"), file=out)
     return 0 if ok else 1
 
@@ -5459,7 +6676,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# 16. Lifecycle
+# 17. Lifecycle
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -5580,6 +6797,7 @@ class Bot:
         knowledge: KnowledgeStore,
         metrics: Metrics,
         on_auth_failed: Callable[[str, str], None],
+        repo: RepoStore | None = None,
     ):
         self.health = health
         self.notifier = Notifier()
@@ -5601,6 +6819,7 @@ class Bot:
             feedback=config.ledger_bot_feedback,
             follow_ups=config.ledger_bot_follow_ups,
             llm_client=make_llm_client(config),
+            repo=repo,
         )
         self.pool = WorkerPool(
             self.answerer.answer, config.ledger_bot_workers, config.ledger_bot_queue_size, metrics
@@ -5684,6 +6903,7 @@ class Bot:
 
 # How often the main thread hands freed heap memory back to the OS while the bot runs.
 TRIM_EVERY_SECONDS = 30.0
+REPO_START_WAIT_SECONDS = 30.0
 
 
 @functools.cache
@@ -5815,7 +7035,8 @@ def _run(
     signals = Signals(on_signal) if threading.current_thread() is threading.main_thread() else None
     if signals is not None:
         signals.install()
-    metrics = Metrics(registry or new_registry(), tuple(OUTCOMES))
+    tools = tuple(TOOLS) if config.repo_path else ()  # tool series exist only where tools are on
+    metrics = Metrics(registry or new_registry(), tuple(OUTCOMES), tools)
     metrics.build_info.labels(version=__version__, git_sha=config.ledger_bot_git_sha).set(1)
     server = HealthServer(config.health_port, health, metrics).start()
     log_event(
@@ -5848,6 +7069,15 @@ def _serve(
         path=str(config.knowledge_path),
         sections=len(knowledge.current().sections),
     )
+    repo = None
+    if config.repo_path is not None:
+        try:
+            check_fts5()
+        except RetrievalUnavailable as e:
+            log_event(logging.ERROR, "repo_tools_unavailable", error=str(e))
+            return EXIT_CONFIG
+        repo = RepoStore(config.repo_path, config.ledger_bot_repo_url, metrics)
+        repo.start()  # built while litellm imports
     fatal = _Fatal(stop)
     web = make_web_client(config.slack_bot_token, config.slack_api_url)
     api = SlackApi(web, RateBudget(rate_limits(config.ledger_bot_slack_rate_share)), metrics, fatal)
@@ -5869,10 +7099,19 @@ def _serve(
     health.waiting()
     log_event(logging.INFO, "identity", user=me.user_id, bot_id=me.bot_id, team=me.team_id)
     slack = Slack(api, SlackSurfaces(api), SlackFiles(web))
-    bot = Bot(config, slack, me, health, knowledge, metrics, fatal)
-    # Slack sends events to any open connection: open one only once answers can start at once.
-    while warm.is_alive() and not stop.is_set():
-        warm.join(0.1)
+    bot = Bot(config, slack, me, health, knowledge, metrics, fatal, repo)
+    # Slack sends events to any open connection: open one only once answers can start at once,
+    # with the first repository index if it is done within REPO_START_WAIT_SECONDS (a slow or
+    # missing checkout must not keep the bot from answering from its knowledge).
+    index_by = time.monotonic() + REPO_START_WAIT_SECONDS
+    while not stop.is_set() and (
+        warm.is_alive()
+        or (repo is not None and not repo.built.is_set() and time.monotonic() < index_by)
+    ):
+        if warm.is_alive():
+            warm.join(0.1)
+        elif repo is not None:
+            repo.built.wait(0.1)
     # A full garbage collection walks every tracked object with the interpreter lock held: with
     # litellm's ~380,000 that is ~270 ms in which no envelope is acked. What is alive now is
     # start-up's (modules, litellm's tables); frozen, it is never scanned for cycles again (still

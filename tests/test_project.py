@@ -144,3 +144,21 @@ def test_help_and_version_work_without_any_configuration():
     version = subprocess.run([sys.executable, str(ROOT / "ledger_bot.py"), "--version"], capture_output=True,
                              text=True, env={}, timeout=30)
     assert version.stdout.strip() == f"ledger-bot {lb.__version__}"
+
+
+# ── the module's shape (issue 21) ────────────────────────────────────────────────────────
+
+
+def test_the_docstrings_map_names_every_section_in_order():
+    mapped = re.findall(r"^\s*(\d+)\. ([A-Z][\w /]*?)\s+- ", lb.__doc__ or "", re.M)
+    headers = [(n, re.split(r"[:(]", title)[0].strip()) for n, title in re.findall(r"^# (\d+)\. (.+)$", SOURCE, re.M)]
+    assert mapped == headers, "the module docstring's map and the section headers disagree"
+    assert [int(n) for n, _ in headers] == list(range(1, len(headers) + 1))
+
+
+def test_no_class_is_over_200_lines():
+    import ast
+
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(ast.parse(SOURCE))
+             if isinstance(node, ast.ClassDef)}
+    assert {name: n for name, n in sizes.items() if n > 200} == {}

@@ -8,6 +8,7 @@ The proxy starts once per session (~7 s); tests/proxy/harness.py says how it is 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -208,3 +209,30 @@ def test_questions_at_the_proxys_keep_alive_boundary_are_all_answered(start_bot,
         assert outcomes == ["ok"] * 15
     finally:
         proxy.stop()
+
+
+# ── a tool round (issue 22) ──────────────────────────────────────────────────────────────
+
+
+def test_one_tool_round_through_the_real_proxy(bot_via_proxy, proxy, slack, socket_mode, capsys):
+    from test_tools import FIXTURE, TRADE_BUY, tool_then_answer
+
+    bot_via_proxy(LEDGER_BOT_REPO=str(FIXTURE))
+    proxy.upstream.default = tool_then_answer([[("find_impact_builders", {"query": "TradeBuy"})]],
+                                              f"TradeBuyImpactBuilder puts payload.tradeId in ATTRIBUTE6.\n"
+                                              f"Sources: {TRADE_BUY}")
+    texts, _, line = ask(slack, socket_mode, capsys, "what does TradeBuyImpactBuilder put in attribute6?")
+    assert texts == ["Let me check the repository.\n\nTradeBuyImpactBuilder puts payload.tradeId in ATTRIBUTE6."]
+    assert line["outcome"] == "ok"
+    first, second = (r.body for r in proxy.upstream.requests)
+    assert [t["function"]["name"] for t in second["tools"]] == [t["function"]["name"] for t in first["tools"]]
+    call = second["messages"][-2]["tool_calls"][0]
+    result = second["messages"][-1]
+    assert call["function"]["name"] == "find_impact_builders" and json.loads(call["function"]["arguments"]) == {
+        "query": "TradeBuy"}
+    assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
+    assert "TradeBuyImpactBuilder accepts TradeBuyPayload" in result["content"]
+    tasks = [ch for c in slack.calls for ch in c.params.get("chunks") or [] if ch.get("type") == "task_update"]
+    assert [t["status"] for t in tasks] == ["in_progress", "complete"]
+    logged = wait_for(lambda: len(proxy.request_log()) >= 2 and proxy.request_log(), 5, "the proxy's request log")
+    assert [e["status"] for e in logged] == ["success", "success"]
