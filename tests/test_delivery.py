@@ -69,8 +69,11 @@ DUMMY_SECRETS = {
 SOPS_VALUE = re.compile(
     r"^ENC\[AES256_GCM,data:[A-Za-z0-9+/=]+,iv:[A-Za-z0-9+/=]+,tag:[A-Za-z0-9+/=]+,type:str\]$"
 )
-# Shapes of real credentials: none may appear anywhere under workloads/.
-PLAINTEXT_SECRET = re.compile(r"xox[abp]-[0-9A-Za-z-]{10,}|xapp-[0-9A-Za-z-]{10,}|\bsk-[0-9A-Za-z_-]{16,}")
+# Shapes of real credentials: none may appear anywhere under workloads/ (Slack tokens, API keys, and a private
+# key such as the git-sync sidecar's deploy key).
+PLAINTEXT_SECRET = re.compile(
+    r"xox[abp]-[0-9A-Za-z-]{10,}|xapp-[0-9A-Za-z-]{10,}|\bsk-[0-9A-Za-z_-]{16,}|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +288,34 @@ def test_secrets_file_is_sops_encrypted_with_exactly_the_bot_secrets(env):
     assert SOPS_VALUE.match(sops["mac"])
     assert sops["encrypted_regex"] == "^secrets$"
     assert sops["lastmodified"] and sops["version"]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_secrets_file_holds_nothing_sops_would_leave_in_plaintext(env):
+    """sops encrypts only values under a key matching encrypted_regex (at any depth: ws-service.secrets for the
+    bot, gitSync.secrets for the sidecar's deploy key). Every other value in the file would be committed as
+    plaintext, so there must be none: every leaf outside `sops:` sits under such a key and is ciphertext."""
+    document = _secrets_file(env)
+    pattern = re.compile(document["sops"]["encrypted_regex"])
+
+    def leaves(node, path=()):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, (*path, key))
+        else:
+            yield path, node
+
+    found = [(path, value) for path, value in leaves({k: v for k, v in document.items() if k != "sops"})]
+    assert found, "no secrets at all"
+    for path, value in found:
+        assert any(pattern.search(str(key)) for key in path), f"{env}: {'.'.join(path)} would stay plaintext"
+        assert isinstance(value, str) and SOPS_VALUE.match(value), f"{env}: {'.'.join(path)} is not SOPS ciphertext"
+
+
+def test_plaintext_patterns_catch_what_they_should():
+    for sample in ("xoxb-0000000000-0000000000000", "sk-" + "a1" * 10, "-----BEGIN OPENSSH PRIVATE KEY-----"):
+        assert PLAINTEXT_SECRET.search(sample), sample
+    assert not PLAINTEXT_SECRET.search(_secrets_file("staging")["gitSync"]["secrets"]["ssh"])
 
 
 def test_no_plaintext_credentials_under_workloads():
