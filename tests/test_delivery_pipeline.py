@@ -6,7 +6,7 @@ run in test_delivery.py; these check what the linters cannot know):
 - staging and production are deployed by digest (<sha>@sha256:<digest>), and promotion checks that digest;
 - the two calls of the company deploy workflow pass the same inputs and secrets, and every input is
   documented in workloads/README.md as known or assumed;
-- Renovate keeps actions, both lock files and the base image digest moving (its config validated
+- Renovate keeps actions, both lock files, the base image digest and the git-sync image moving (its config validated
   against Renovate's schema, and its patterns shown to match the real files);
 - CODEOWNERS covers .github/ and workloads/.
 """
@@ -179,8 +179,8 @@ def test_renovate_covers_actions_lock_files_and_the_base_image_digest():
     for lock in ("requirements.lock", "requirements-dev.lock"):
         assert (REPO / lock).exists()
         assert any(p.search(lock) for p in _renovate_patterns(config, "pip_requirements")), lock
-    (docker,) = config["customManagers"]
-    assert docker["datasourceTemplate"] == "docker"
+    docker, git_sync = config["customManagers"]
+    assert docker["datasourceTemplate"] == git_sync["datasourceTemplate"] == "docker"
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
     # Renovate's regex syntax (?<name>...) is Python's (?P<name>...).
     (pattern,) = [re.compile(s.replace("(?<", "(?P<")) for s in docker["matchStrings"]]
@@ -188,6 +188,14 @@ def test_renovate_covers_actions_lock_files_and_the_base_image_digest():
     assert match, "Renovate's regex does not find the base image in the Dockerfile"
     assert match["depName"] == "python" and match["currentValue"] == "3.12-slim"
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", match["currentDigest"])
+    # The git-sync sidecar's image, in every values file that runs it.
+    (pattern,) = [re.compile(s.replace("(?<", "(?P<")) for s in git_sync["matchStrings"]]
+    files = [re.compile(p.strip("/")) for p in git_sync["managerFilePatterns"]]
+    for values in sorted((REPO / "workloads" / "ledger-bot").glob("values.*.yaml")):
+        assert any(f.search(str(values.relative_to(REPO))) for f in files), values.name
+        match = pattern.search(values.read_text(encoding="utf-8"))
+        assert match and match["currentValue"].startswith("v4."), values.name
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", match["currentDigest"])
 
 
 def test_codeowners_cover_the_pipeline_and_the_workload():
