@@ -13,12 +13,13 @@ import threading
 from pathlib import Path
 
 import jsonschema
-import ledger_bot as lb
 import pytest
 from conftest import ROOT, run_subprocess
 from fakes import Script, gateway_error, wait_for
 from test_answers import metrics
 from test_bot import log_lines, mention, replies
+
+import ledger_bot as lb
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gl-publisher"
 REPO_URL = "https://github.com/wealthsimple/oracle-gl-publisher"
@@ -88,7 +89,7 @@ def test_the_index_holds_the_fixture_at_its_commit_and_leaves_out_every_trap(rep
     assert index.commit == git(repo, "rev-parse", "HEAD")
     assert len(index.paths) >= 200 and TRADE_BUY in index.paths
     assert not any(p.startswith(".git/") for p in index.paths)
-    for path, (reason, _) in TRAPS.items():
+    for path in TRAPS:
         assert path not in index.paths, path
     assert "docs/passwd" not in index.paths and not any(p.startswith("etc-link") for p in index.paths)
     expected = {"secret": 7, "binary": 2, "large": 1, "symlink": 1}  # etc-link is never entered
@@ -187,7 +188,7 @@ def test_find_impact_builders_names_each_class_with_its_accepted_type(index):
     assert spend.text.startswith("SpendImpactBuilder accepts CardSpendPayload")
     everything = run(index, "find_impact_builders")
     names = [line.split()[0] for line in everything.text.splitlines() if " accepts " in line]
-    assert len(names) >= 45 and names == sorted(names, key=str) or len(everything.text) > 5_000
+    assert len(names) >= 25 and names == sorted(names)  # alphabetical, as many as fit the cap
     assert "ImpactBuilder accepts" not in everything.text.splitlines()[0][:14]  # not the interface
 
 
@@ -410,7 +411,7 @@ def test_a_question_that_needs_the_code_is_answered_through_a_tool_round_with_th
     assert seen[("ledger_bot_repo_info", (("commit", index.commit),))] == 1
     assert seen[("ledger_bot_repo_files", ())] == len(index.paths)
     assert seen[("ledger_bot_llm_tokens_total", (("kind", "prompt"),))] == 100 + 1_000
-    line = [x for x in log_lines(capsys.readouterr().out) if x["event"] == "answer"][0]
+    line = next(x for x in log_lines(capsys.readouterr().out) if x["event"] == "answer")
     assert line["outcome"] == "ok"
 
 

@@ -77,8 +77,8 @@ def main() -> int:
         if variant != "hand-written BM25":
             init, scores = fts5_engine(variant)
             lb.KnowledgeBase.__init__ = init  # type: ignore[method-assign]
-            lb.KnowledgeBase.rank = lambda self, q: [self.sections[i] for _, i in scores(self, q)]  # type: ignore[method-assign]
-            lb.KnowledgeBase.index = property(lambda self: _Ranker(self, scores))  # type: ignore[attr-defined]
+            lb.KnowledgeBase.rank = lambda self, q, scores=scores: [self.sections[i] for _, i in scores(self, q)]  # type: ignore[method-assign]
+            lb.KnowledgeBase.index = property(lambda self, scores=scores: _Ranker(self, scores))  # type: ignore[attr-defined]
         for path in EVALS:
             m = measure(path)
             name = variant if variant == "hand-written BM25" else f"FTS5 bm25 ({variant})"
