@@ -1425,12 +1425,12 @@ class SlackApi:
         )
 
     def post_ephemeral(
-        self, *, channel: str, user: str, text: str, thread_ts: str | None = None
+        self, *, channel: str, user: str, text: str, thread_ts: str | None = None, wait: float = 10
     ) -> None:
         """``chat.postEphemeral``: a line only ``user`` sees."""
         self.call(
             "chat.postEphemeral",
-            wait=10,
+            wait=wait,
             channel=channel,
             user=user,
             text=text,
@@ -3968,6 +3968,7 @@ STREAM_FLUSH_SECONDS = 0.5
 FINAL_WAIT_SECONDS = 60.0  # how long the end of a reply may wait for rate budget
 INTERRUPT_WAIT_SECONDS = 5.0  # ... at shutdown, whose grace period is short
 PLACEHOLDER_TEXT = "_Thinking…_"
+HEARD_TEXT = "Looking into it: the answer will appear in the thread."  # burst feedback, ephemeral
 EMPTY_ANSWER = "(The model returned an empty answer. Please try rephrasing the question.)"
 STOPPED_CODES = frozenset({"stopped_by_user"})
 STREAM_GONE_CODES = frozenset({"message_not_in_streaming_state", "stopped_by_user"})
@@ -4343,8 +4344,9 @@ class Feedback:
     """What shows a question was heard before any answer text, never waiting for rate budget:
     the "is thinking…" status (renewed while the model is silent: Slack clears it after two
     minutes without a post), else (Slack refused the status) a placeholder message, else (many
-    answers at once: those budgets are spent) a 👀 reaction on the question, from a budget of
-    its own, which needs no follow-up call. Used by the holder of the reply's ``_turn``."""
+    answers at once: those budgets are spent) a 👀 reaction on the question, else a line only
+    the asker sees; the last two have budgets of their own and need no follow-up call. Used by
+    the holder of the reply's ``_turn``."""
 
     def __init__(self, api: SlackApi, surfaces: SlackSurfaces, q: Question, ref: str):
         self.api, self.surfaces, self.q, self.ref = api, surfaces, q, ref
@@ -4365,9 +4367,29 @@ class Feedback:
                 wait=0,
             )
         except SlackBusy:
-            if self.q.kind != "shortcut":  # a shortcut's question is no message to react to
-                quietly(self.api.add_reaction, channel=self.q.channel, ts=self.q.ts)
+            self._in_a_burst()
             return None
+
+    def _in_a_burst(self) -> None:
+        """The status and post budgets are spent: a 👀 on the question, else (that budget too,
+        or a shortcut, whose question is no message) the ephemeral line."""
+        if self.q.kind != "shortcut":
+            try:
+                self.api.add_reaction(channel=self.q.channel, ts=self.q.ts)
+                return
+            except SlackBusy:
+                pass
+            except SlackError as e:
+                log_event(logging.WARNING, "slack_call_failed", method=e.method, error=e.code)
+                return
+        quietly(
+            self.api.post_ephemeral,
+            channel=self.q.channel,
+            user=self.q.user,
+            text=HEARD_TEXT,
+            thread_ts=self.q.thread_ts if self.q.in_thread else None,  # where the asker looks
+            wait=0,
+        )
 
     def renew_if_due(self, turn: threading.Lock) -> None:
         """Renew the status if it is about to expire and ``turn`` (the reply's) is free now."""

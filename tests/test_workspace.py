@@ -14,6 +14,8 @@ from fakes import BOT_USER, TEAM, Script, free_port, wait_for
 from test_bot import log_lines, mention, replies
 from test_slack_native import open_modal, submit_modal
 
+import ledger_bot as lb
+
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
@@ -336,6 +338,35 @@ def test_every_question_in_a_burst_shows_something_at_once(start_bot, slack, soc
     release.set()
     for i, m in enumerate(asked):
         replies(slack, f"C{i % 4 + 1}00", m["ts"], timeout=60)
+
+
+def test_when_the_reactions_budget_is_spent_too_the_asker_gets_a_line_only_they_see(
+        start_bot, slack, socket_mode, gateway, tune):
+    """A burst larger than the status and 👀 budgets together: the rest are told ephemerally,
+    where they are looking (a top-level mention: just under it, in the channel)."""
+    tune(SLACK_RATE_TIERS={"assistant.threads.setStatus": 3, "reactions.add": 3})
+    start_bot(LEDGER_BOT_WORKERS="12")
+    release = threading.Event()
+    gateway.default = lambda body: Script(release=release)
+    asked = [mention(slack, socket_mode, f"q{i}", channel=f"C{i % 2 + 1}00", user=f"U{i}") for i in range(10)]
+    people = {f"U{i}" for i in range(10)}
+
+    def heard() -> tuple[set, set, set]:
+        statuses = {m["user"] for m, _ in asked if any(k.endswith(":" + m["ts"]) for k in slack.statuses)}
+        msgs = [x for ch in ("C100", "C200") for x in slack.messages.get(ch, [])]
+        reacted = {x["user"] for x in msgs if x.get("reactions")}
+        told = {e["user_only"] for ch in ("C100", "C200") for e in slack.messages.get("ephemeral:" + ch, [])}
+        return statuses, reacted, told
+
+    wait_for(lambda: set().union(*heard()) == people, 15, "every asker shown something")
+    statuses, reacted, told = heard()
+    # Each budget is this replica's share of the tier; once it is spent the next way is used.
+    assert statuses and reacted and told and len(statuses) + len(reacted) + len(told) == 10, heard()
+    ephemerals = [e for ch in ("C100", "C200") for e in slack.messages.get("ephemeral:" + ch, [])]
+    assert all(e["thread_ts"] is None and e["text"] == lb.HEARD_TEXT for e in ephemerals)
+    release.set()
+    for i, (m, _) in enumerate(asked):
+        replies(slack, f"C{i % 2 + 1}00", m["ts"], timeout=60)
 
 
 # ── Block Kit limits the bot must stay within ────────────────────────────────────────────

@@ -540,6 +540,15 @@ class BenchSlack(FakeSlack):
             self._feedback(p["channel"], p.get("timestamp"))
         return r
 
+    def _m_chat_postEphemeral(self, p: dict) -> dict:
+        r = super()._m_chat_postEphemeral(p)
+        # In a thread, or (a question at the top of a channel) just under it: the channel's
+        # newest question is the one it answers.
+        thread_ts = p.get("thread_ts") or max(
+            (ts for (ch, ts) in list(self.thread_qid) if ch == p["channel"]), key=float, default=None)
+        self._feedback(p["channel"], thread_ts)
+        return r
+
     def _m_chat_postMessage(self, p: dict) -> dict:
         r = super()._m_chat_postMessage(p)
         self._feedback(p["channel"], p.get("thread_ts"))
