@@ -95,6 +95,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -2679,30 +2680,44 @@ class FullText:
 # -- the checkout ---------------------------------------------------------------------------
 
 # Never indexed, so never returned: folders of build output and tooling, files over
-# REPO_FILE_MAX_BYTES, binaries, symlinks (they could point anywhere), and anything
-# secret-shaped by name or by content.
+# REPO_FILE_MAX_BYTES, binaries, anything but a regular file (a symlink could point anywhere,
+# a pipe would never end), names that are not UTF-8, and anything secret-shaped by name
+# (any case) or by content.
 REPO_SKIP_DIRS = frozenset({".git", "target", "build", "node_modules", ".gradle", ".idea"})
 REPO_FILE_MAX_BYTES = 1_000_000
+SECRET_DIRS = frozenset({".aws", ".ssh", ".gnupg", ".docker", ".kube", "secrets"})
 SECRET_NAMES = (
-    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
-    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc", ".npmrc", ".pgpass",
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk",
+    "*.p8", "*.kdbx", "*.tfvars", "*.tfstate", "*.tfstate.*", "id_rsa*", "id_dsa*",
+    "id_ecdsa*", "id_ed25519*", ".netrc", ".npmrc", ".pypirc", ".pgpass", ".htpasswd",
+    "credentials", "credentials.*", "kubeconfig",
 )  # fmt: skip
+_CREDENTIAL_KEY = r"[\w.-]*(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token)"
 SECRET_CONTENT = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\bAKIA[0-9A-Z]{16}\b"
+    r"-----BEGIN [A-Z ]*PRIVATE KEY(?: BLOCK)?-----|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
     r"|\bxox[abposre]-[A-Za-z0-9-]{10,}|\bxapp-[A-Za-z0-9-]{10,}|\bsk-[A-Za-z0-9_-]{20,}"
+    r"|\b[sr]k_live_[A-Za-z0-9]{16,}|\bAIza[0-9A-Za-z_-]{35}"
     r"|\bgh[pousr]_[A-Za-z0-9]{36}\b|\bgithub_pat_[A-Za-z0-9_]{22,}"
-    r"|(?i:\b(?:password|passwd|secret|api[_-]?key|access[_-]?key|token)[\"']?\s*[:=]\s*"
-    r"[\"'][^\"'\s$]{12,}[\"'])"  # a literal credential; a ${PLACEHOLDER} is fine
+    # A literal credential, quoted (a ${PLACEHOLDER} is fine) ...
+    rf"|(?i:{_CREDENTIAL_KEY}[\"']?\s*[:=]\s*[\"'][^\"'\s$]{{12,}}[\"'])"
+    # ... or bare at the end of a line, as properties and ini files write one: a token of
+    # letters and digits, not a call or an expression.
+    rf"|(?im:{_CREDENTIAL_KEY}\s*[:=][ \t]*(?=[\w+/=-]*\d)(?=[\w+/=-]*[a-z])[\w+/=-]{{12,}}[ \t]*$)"
 )
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # How often an answer may look at the checkout for a new commit: a few small file reads.
 REPO_CHECK_SECONDS = 10.0
+# How often a version whose build failed is tried again (a folder that is not a git checkout
+# has no commit to change: missing or empty at start-up, it would otherwise never be indexed).
+REPO_RETRY_SECONDS = 300.0
 
 
 def secret_shaped(path: str) -> bool:
-    """Is ``path`` (relative, with /) named like a secret?"""
-    name = path.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatch(name, pattern) for pattern in SECRET_NAMES)
+    """Is ``path`` (relative, with /) named like a secret, or in a folder of them?"""
+    *folders, name = path.lower().split("/")
+    return not SECRET_DIRS.isdisjoint(folders) or any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_NAMES
+    )
 
 
 def checkout_commit(root: Path) -> str | None:
@@ -2743,13 +2758,23 @@ def repo_files(root: Path) -> tuple[list[tuple[str, str]], collections.Counter[s
     how many were left out, by reason."""
     kept: list[tuple[str, str]] = []
     left_out: collections.Counter[str] = collections.Counter()
-    for folder, dirs, names in os.walk(root):  # symlinked folders are listed, never entered
+
+    def unreadable(_: OSError) -> None:
+        left_out["unreadable"] += 1
+
+    # Symlinked folders are listed, never entered; one that cannot be listed is counted.
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if d not in REPO_SKIP_DIRS)
         for name in names:
+            if name == ".git":  # git-sync's worktree: a file pointing at the repository
+                continue
             file = here / name
             path = file.relative_to(root).as_posix()
-            reason, text = _read_indexable(file, path)
+            try:
+                reason, text = _read_indexable(file, path)
+            except OSError:
+                reason, text = "unreadable", ""
             if reason:
                 left_out[reason] += 1
             else:
@@ -2760,12 +2785,18 @@ def repo_files(root: Path) -> tuple[list[tuple[str, str]], collections.Counter[s
 
 def _read_indexable(file: Path, path: str) -> tuple[str, str]:
     """("", text) for a file worth indexing, else (why not, "")."""
-    if file.is_symlink():
+    info = file.lstat()
+    if stat.S_ISLNK(info.st_mode):
         return "symlink", ""
+    if not stat.S_ISREG(info.st_mode):
+        return "special", ""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a name git allows and SQLite refuses
+        return "name", ""
     if secret_shaped(path):
         return "secret", ""
-    size = file.stat().st_size
-    if size > REPO_FILE_MAX_BYTES:
+    if info.st_size > REPO_FILE_MAX_BYTES:
         return "large", ""
     data = file.read_bytes()
     if b"\0" in data[:8192]:
@@ -2821,8 +2852,8 @@ class RepoStore:
     """The current RepoIndex of the checkout at ``root``, rebuilt in a background thread when
     its commit (or the folder the path resolves to) changes; ``current()`` looks at most every
     REPO_CHECK_SECONDS. A build that fails, or whose checkout changed under it, keeps the old
-    index and logs one ``repo_index_failed`` line per broken version. A folder that is not a
-    git checkout is indexed once."""
+    index and logs one ``repo_index_failed`` line per broken version; that version is tried
+    again every REPO_RETRY_SECONDS. A folder that is not a git checkout is indexed once."""
 
     def __init__(self, root: Path, url: str, metrics: Metrics | None = None):
         self.root, self.url, self.metrics = root, url, metrics
@@ -2830,6 +2861,7 @@ class RepoStore:
         self._index: RepoIndex | None = None
         self._version: tuple[str, str | None] | None = None
         self._failed: tuple[str, str | None] | None = None
+        self._failed_at = 0.0
         self._checked = 0.0
         self._building: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -2861,7 +2893,8 @@ class RepoStore:
             if self._building is not None and self._building.is_alive():
                 return
             version = self.version()
-            if version in (self._version, self._failed):
+            retry_due = time.monotonic() - self._failed_at >= REPO_RETRY_SECONDS
+            if version == self._version or (version == self._failed and not retry_due):
                 return
             self._building = threading.Thread(
                 target=self._build, args=(version,), name="repo-index", daemon=True
@@ -2877,7 +2910,10 @@ class RepoStore:
             if self.version() != version:
                 raise ValueError("the checkout changed while it was being indexed")
         except (OSError, ValueError, sqlite3.Error, RetrievalUnavailable) as e:
-            self._failed = version
+            again = version == self._failed
+            self._failed, self._failed_at = version, time.monotonic()
+            if again:
+                return  # said once already
             log_event(
                 logging.ERROR,
                 "repo_index_failed",
@@ -2957,6 +2993,14 @@ def capped(text: str, limit: int = TOOL_RESULT_MAX_CHARS) -> str:
     )
 
 
+def source_lines(text: str) -> list[str]:
+    """``text``'s lines as GitHub numbers them: split at newlines only (``splitlines`` also
+    splits at form feeds and Unicode separators, and the numbers would drift)."""
+    if not text:
+        return []
+    return [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
+
+
 def numbered(lines: list[str], first: int) -> str:
     return "\n".join(f"{n:>5}  {line}" for n, line in enumerate(lines, first))
 
@@ -2965,7 +3009,7 @@ def _line_hits(text: str, terms: list[str]) -> list[tuple[int, int]]:
     """Windows (first, last line, 1-based) around the lines of ``text`` that hold the most
     ``terms``, at most LINES_PER_FILE, merged where they touch."""
     lowered = [t.lower() for t in terms]
-    lines = text.splitlines()
+    lines = source_lines(text)
     scored = [(-sum(t in line.lower() for t in lowered), n) for n, line in enumerate(lines, 1)]
     best = sorted(s for s in scored if s[0] < 0)[:LINES_PER_FILE]
     windows: list[tuple[int, int]] = []
@@ -3025,7 +3069,7 @@ def search_adrs(index: RepoIndex, args: SearchAdrs) -> ToolResult:
     for path, text in found:
         title, status = _title_and_status(text)
         out.append(f"{path}\n  {title} (status: {status})")
-        lines = text.splitlines()
+        lines = source_lines(text)
         for a, b in _line_hits(text, terms)[:1]:
             out.append(numbered(lines[a - 1 : b], a))
     return ToolResult("\n".join(out), tuple((path, None) for path, _ in found))
@@ -3061,7 +3105,7 @@ def search_code(index: RepoIndex, args: SearchCode) -> ToolResult:
     files = []
     for hit in hits:
         path, text = index.read_row(hit.row)
-        lines = text.splitlines()
+        lines = source_lines(text)
         windows = _line_hits(text, terms) or [(1, min(len(lines), 1 + 2 * CONTEXT_LINES))]
         for a, b in windows:
             out.append(f"{path}:{a}\n{numbered(lines[a - 1 : b], a)}")
@@ -3096,7 +3140,7 @@ def read_file(index: RepoIndex, args: ReadFile) -> ToolResult:
             f"{path} is not in the repository's index (no such file, or a binary, "
             "generated, oversized or secret-shaped file)"
         )
-    lines = text.splitlines()
+    lines = source_lines(text)
     first = args.start_line or 1
     last = min(args.end_line or len(lines), len(lines))
     if first > max(len(lines), 1) or first > last:
@@ -3256,7 +3300,8 @@ def tool_step_title(name: str, arguments: str) -> str:
     """What the reply shows while the call runs: the tool's own words, if its arguments parse."""
     tool = TOOLS.get(name)
     if tool is not None:
-        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+        # ValueError: a lone surrogate in the model's arguments cannot be encoded
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError, ValueError):
             return msgspec.json.decode(arguments.strip() or "{}", type=tool.args).step()
     return f"Calling {name[:60]}"
 
@@ -3299,6 +3344,9 @@ class ToolStep:
 
 
 TASK_SOURCES = 5  # links a finished task shows
+# A task still running when its message is stopped can never be updated there again.
+TASK_CONTINUED = "continued in the next message"  # a rollover: it goes on below
+TASK_NOT_SHOWN = "its end is not shown here"  # shutdown, or the reply went on as posts
 
 
 class ToolSession:
@@ -3345,8 +3393,8 @@ class ToolSession:
     def cited(self, labels: list[str]) -> list[Section]:
         """The repository files among an answer's cited ``labels`` (a path, perhaps with a
         line suffix) that its calls showed, as sources linked at the indexed commit."""
-        paths = dict.fromkeys(
-            re.split(r"[\s:#(]", label.strip(), maxsplit=1)[0] for label in labels
+        paths = dict.fromkeys(  # `path` (lines 1-20), [path](url), path:12, path#L3
+            re.split(r"[\s:#(]", label.strip(), maxsplit=1)[0].strip("`[]*") for label in labels
         )
         return [
             Section(path, "", "", self.index.link(path, self.shown[path]))
@@ -3859,12 +3907,12 @@ def converse(
             if not part.completion_tokens and written:
                 estimate_usage(part, messages, written, count)
             usage.add(part)
-        said = said or bool(text)
+        said_before, said = said, said or bool(text)
         if not calls:
             return
         if rounds >= gateway.ledger_bot_tool_rounds:
-            if not said:
-                yield TOOL_ROUNDS_SPENT
+            if not text:  # still calling tools: an opening line alone would read as the answer
+                yield ("\n\n" if said_before else "") + TOOL_ROUNDS_SPENT
             return
         ordered = [calls[i] for i in sorted(calls)]
         for n, call in enumerate(ordered):
@@ -4052,6 +4100,7 @@ class StreamDelivery:
         self.api, self.q, self.ref, self.on_shown = api, q, ref, on_shown
         self.chunks = chunks
         self.visible: _Visible | None = None
+        self.running: dict[str, dict] = {}  # task id -> its in_progress chunk, in ``visible``
 
     def send(self, box: Outbox, ending: Ending | None, wait: float) -> None:
         """Write ``box.text`` into the open stream and its successors; with an ``ending``, all
@@ -4086,6 +4135,7 @@ class StreamDelivery:
                 metadata_type=ending.metadata_type if last and ending else ANSWER_METADATA,
                 blocks=ending.blocks() if last and ending else None,
                 wait=wait if ending else 5,
+                carry=not last,
             )
             self.on_shown(send)
             self.visible = None
@@ -4129,7 +4179,7 @@ class StreamDelivery:
             recipient_team_id=self.q.team or None,
             **self._content(markdown, box),
         )
-        box.tasks = []
+        self._tasks_sent(box)
         return _field(resp, "ts", "chat.startStream")
 
     def _append(self, markdown: str, box: Outbox) -> None:
@@ -4142,22 +4192,51 @@ class StreamDelivery:
             ts=self.visible.ts,
             **self._content(markdown, box),
         )
-        box.tasks = []
+        self._tasks_sent(box)
 
     def _stop(
-        self, markdown: str, box: Outbox, *, metadata_type: str, blocks: list | None, wait: float
+        self,
+        markdown: str,
+        box: Outbox,
+        *,
+        metadata_type: str,
+        blocks: list | None,
+        wait: float,
+        carry: bool = False,
     ) -> None:
-        """``chat.stopStream``: the last text, then the message is final (blocks, metadata)."""
+        """``chat.stopStream``: the last text, then the message is final (blocks, metadata).
+        A task still running in it is closed there: with ``carry`` (a rollover) as continued,
+        and shown running again in the next message; else as not shown to its end."""
         assert self.visible is not None
-        self.api.call(
-            "chat.stopStream",
-            wait=wait,
-            channel=self.q.channel,
-            ts=self.visible.ts,
-            blocks=blocks or None,
-            metadata=message_metadata(metadata_type, self.ref),
-            **self._content(markdown, box),
-        )
+        updated = {t["id"] for t in box.tasks}
+        still = [c for task_id, c in self.running.items() if task_id not in updated]
+        status, output = ("complete", TASK_CONTINUED) if carry else ("error", TASK_NOT_SHOWN)
+        tasks = box.tasks
+        box.tasks = tasks + [{**c, "status": status, "output": output} for c in still]
+        try:
+            self.api.call(
+                "chat.stopStream",
+                wait=wait,
+                channel=self.q.channel,
+                ts=self.visible.ts,
+                blocks=blocks or None,
+                metadata=message_metadata(metadata_type, self.ref),
+                **self._content(markdown, box),
+            )
+        except SlackError:
+            box.tasks = tasks  # as it was: what is still to be shown
+            raise
+        self._tasks_sent(box)
+        if carry:
+            box.tasks = still
+
+    def _tasks_sent(self, box: Outbox) -> None:
+        """The Outbox's task updates went out: note which tasks the message shows running."""
+        for chunk in box.tasks:
+            if chunk["status"] == "in_progress":
+                self.running[chunk["id"]] = chunk
+            else:
+                self.running.pop(chunk["id"], None)
         box.tasks = []
 
     def _content(self, markdown: str, box: Outbox) -> dict[str, Any]:

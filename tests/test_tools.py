@@ -7,6 +7,7 @@ with trap files added (secrets, binaries, build output, symlinks out of the chec
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -29,6 +30,8 @@ TRADE_BUY = f"{BUILDERS}/trade/TradeBuyImpactBuilder.kt"
 # for a leak.
 AWS_KEY = "AKIA" + "QWERTYUIOPASDFGH"
 SLACK_TOKEN = "xoxb-" + "1234567890-abcdefghij"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCY1EXAMPLEKEY"
+STRIPE_KEY = "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"
 
 
 def git(repo: Path, *args: str) -> str:
@@ -53,6 +56,23 @@ TRAPS = {
     "api/build/generated.kt": (None, "class Generated"),
     "ui/node_modules/left-pad/index.js": (None, "module.exports = 1"),
     "docs/huge.md": ("large", "x" * (lb.REPO_FILE_MAX_BYTES + 1)),
+    # Secret-shaped whatever the case, in a folder of secrets, or a credential in any spelling.
+    ".ENV": ("secret", "KEY=abc"),
+    "deploy/PROD.KEY": ("secret", "key"),
+    "deploy/Server.PEM": ("secret", "certificate"),
+    "secrets/prod.yaml": ("secret", "replicas: 2"),
+    "ops/.aws/credentials": ("secret", "[default]"),
+    "infra/prod.tfvars": ("secret", 'region = "ca-central-1"'),
+    "ops/aws.ini": ("secret", f"aws_secret_access_key = {AWS_SECRET}"),
+    "common/src/main/resources/db.properties": ("secret", "spring.datasource.password=hunter2hunter2"),
+    "ops/env.sh": ("secret", 'export DB_PASSWORD="correct-horse-battery"'),
+    "ops/billing.kt": ("secret", f'val key = "{STRIPE_KEY}"'),
+    "ops/signing.asc": ("secret", "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQ\n"),
+}
+# Code that names credentials without holding one stays searchable.
+NOT_SECRETS = {
+    "common/src/main/kotlin/TokenClient.kt": "val token = tokenProvider.next(request)\nval password = System.getenv(\"DB_PASSWORD\")\n",
+    "common/src/main/resources/application.yaml": "password: ${DB_PASSWORD}\ntoken: ${GL_TOKEN}\n",
 }
 
 
@@ -65,6 +85,9 @@ def repo(tmp_path_factory) -> Path:
         file = root / path
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for path, content in NOT_SECRETS.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(content)
     (root / "docs" / "passwd").symlink_to("/etc/passwd")
     (root / "etc-link").symlink_to("/etc", target_is_directory=True)
     git(root, "init", "-q", "-b", "main")
@@ -92,8 +115,9 @@ def test_the_index_holds_the_fixture_at_its_commit_and_leaves_out_every_trap(rep
     for path in TRAPS:
         assert path not in index.paths, path
     assert "docs/passwd" not in index.paths and not any(p.startswith("etc-link") for p in index.paths)
-    expected = {"secret": 7, "binary": 2, "large": 1, "symlink": 1}  # etc-link is never entered
+    expected = {"secret": 18, "binary": 2, "large": 1, "symlink": 1}  # etc-link is never entered
     assert dict(index.left_out) == expected
+    assert set(NOT_SECRETS) <= set(index.paths)
     assert lb.check_fts5() == lb.sqlite3.sqlite_version
 
 
@@ -243,6 +267,16 @@ def test_links_point_at_the_indexed_commit_and_lines(index):
 # ── the store: rebuilt off the answer path, broken checkouts keep the old index ──────────
 
 
+@pytest.mark.parametrize("label", [f"`{TRADE_BUY}` (lines 1-20)", f"[{TRADE_BUY}](https://x.test)",
+                                   f"{TRADE_BUY}:12", f"**{TRADE_BUY}**", f"{TRADE_BUY}#L1-L20"])
+def test_a_file_the_calls_showed_is_cited_however_the_model_writes_its_label(index, label):
+    session = lb.ToolSession(index, lambda step: None)
+    session.call(lb.ToolCall(id="c1", name="read_file",
+                             arguments=json.dumps({"path": TRADE_BUY, "start_line": 1, "end_line": 20})))
+    [source] = session.cited([label, "a/file/it/never/showed.kt"])
+    assert source.source == TRADE_BUY and source.url == f"{REPO_URL}/blob/{index.commit}/{TRADE_BUY}#L1-L20"
+
+
 def test_a_new_commit_is_indexed_in_the_background_and_swapped_whole(repo, tmp_path, tune, caplog):
     caplog.set_level("INFO", logger="ledger_bot")
     tune(REPO_CHECK_SECONDS=0)
@@ -279,6 +313,58 @@ def test_a_broken_checkout_keeps_the_old_index_and_logs_one_line(repo, tmp_path,
     assert store.current() is good
     failed = [r for r in caplog.records if r.message == "repo_index_failed"]
     assert len(failed) == 1 and failed[0].fields["kept_commit"] == good.commit
+
+
+def test_a_folder_missing_at_start_is_indexed_once_it_appears(tmp_path, tune, caplog):
+    """A folder with no commit to change (not yet synced, or not a git checkout) is tried again
+    every REPO_RETRY_SECONDS; the failure is said once."""
+    tune(REPO_CHECK_SECONDS=0, REPO_RETRY_SECONDS=0)
+    root = tmp_path / "checkout"
+    store = lb.RepoStore(root, REPO_URL)
+    store.start()
+    assert store.built.wait(30)
+    for _ in range(3):
+        assert store.current() is None
+        store.wait_building(30)
+    root.mkdir()
+    (root / "README.md").write_text("# GL Publisher\n")
+    wait_for(lambda: store.current() is not None, 30, "the folder indexed")
+    assert list(store.current().paths) == ["README.md"]
+    assert len([r for r in caplog.records if r.message == "repo_index_failed"]) == 1
+
+
+def test_odd_files_are_left_out_and_never_stop_the_build(tmp_path, monkeypatch):
+    root = tmp_path / "checkout"
+    root.mkdir()
+    (root / "README.md").write_text("# GL Publisher\n")
+    os.mkfifo(root / "pipe")  # reading it would never end
+    (root / os.fsdecode(b"caf\xe9.md")).write_text("a name git allows and SQLite refuses")
+    (root / ".git").write_text("gitdir: /var/run/git-sync/.git/worktrees/abc\n")  # git-sync's pointer
+    (root / "locked.md").write_text("unreadable")
+    read_bytes = Path.read_bytes
+
+    def refuse_locked(self):
+        if self.name == "locked.md":  # tests run as root, for whom chmod 000 changes nothing
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    index = lb.RepoIndex.build(root, REPO_URL)
+    assert list(index.paths) == ["README.md"]
+    assert dict(index.left_out) == {"special": 1, "name": 1, "unreadable": 1}
+
+
+def test_line_numbers_are_githubs_even_with_form_feeds_and_unicode_separators():
+    text = "a\x0cb\u2028c\r\nfun target() {}\n"
+    assert lb.source_lines(text) == ["a\x0cb\u2028c", "fun target() {}"] and lb.source_lines("") == []
+    index = lb.RepoIndex([("src/Odd.kt", text)], commit="a" * 40, url=REPO_URL)
+    hit = lb.run_tool(index, "search_code", json.dumps({"query": "target"}))
+    assert "    2  fun target() {}" in hit.text.splitlines(), hit.text
+    assert "of 2)" in lb.run_tool(index, "read_file", json.dumps({"path": "src/Odd.kt"})).text
+
+
+def test_arguments_the_model_cannot_encode_give_a_plain_title():
+    assert lb.tool_step_title("read_file", '{"path": "\ud800"}') == "Calling read_file"
 
 
 def test_tool_results_are_cut_oldest_first_and_the_question_never():
@@ -438,6 +524,15 @@ def test_after_the_last_round_the_model_must_answer_and_a_model_that_will_not_is
     assert all(b["tools"] == lb.TOOL_SCHEMAS and "tool_choice" not in b for b in bodies)
 
 
+def test_an_opening_line_before_the_calls_is_not_taken_for_the_answer(start_bot, slack, socket_mode, gateway,
+                                                                      repo_env):
+    start_bot(LEDGER_BOT_TOOL_ROUNDS="1", **repo_env)
+    gateway.script(Script(text="Let me check the repository.", tool_calls=[("search_adrs", {"query": "reversal"})]))
+    gateway.default = lambda body: Script(text="", tool_calls=[("search_adrs", {"query": "reversal"})])
+    msg, _ = mention(slack, socket_mode, "tell me everything about reversals")
+    assert replies(slack, "C100", msg["ts"]) == ["Let me check the repository.\n\n" + lb.TOOL_ROUNDS_SPENT]
+
+
 def test_a_failing_tool_tells_the_model_and_never_fails_the_answer(start_bot, slack, socket_mode, gateway, repo_env):
     bot = start_bot(**repo_env)
     gateway.default = tool_then_answer([[("read_file", {"path": "../../etc/passwd"})]], "I could not read that.")
@@ -484,6 +579,31 @@ def test_shutdown_drains_an_answer_between_its_rounds(start_bot, slack, socket_m
     assert replies(slack, "C100", msg["ts"])[-1].endswith("GL_INTERFACE holds them.")
     bot.thread.join(30)
     assert bot.result["exit"] == 0
+
+
+def test_no_task_is_left_running_when_the_stream_gives_way_to_posts(start_bot, slack, socket_mode, gateway,
+                                                                     repo_env):
+    """The append that would complete the task fails: the reply goes on as posts, which cannot
+    show tasks, so the stream is ended with the task closed, never spinning forever."""
+    start_bot(**repo_env)
+    gateway.default = tool_then_answer([[("search_adrs", {"query": "reversal"})]], "Answer.")
+    append = slack._m_chat_appendStream
+    failed = threading.Event()
+
+    def fail_the_completion(p):
+        tasks = [c for c in p.get("chunks") or [] if c.get("type") == "task_update"]
+        if any(t["status"] == "complete" for t in tasks) and not failed.is_set():
+            failed.set()
+            return {"ok": False, "error": "internal_error"}
+        return append(p)
+
+    slack._m_chat_appendStream = fail_the_completion
+    msg, _ = mention(slack, socket_mode, "reversals?")
+    wait_for(lambda: "".join(replies(slack, "C100", msg["ts"])).endswith("Answer."), 15, "the whole answer")
+    assert failed.is_set()
+    tasks = [t for m in slack.bot_replies("C100", msg["ts"]) for t in (m.get("tasks") or {}).values()]
+    assert tasks and all(t["status"] != "in_progress" for t in tasks), tasks
+    assert tasks[0]["output"] == lb.TASK_NOT_SHOWN
 
 
 def test_a_reply_that_is_posted_shows_each_call_on_the_status_line(start_bot, slack, socket_mode, gateway, repo_env):
