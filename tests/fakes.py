@@ -303,16 +303,21 @@ class SlackRefusal(Exception):
             self.body["response_metadata"] = {"messages": [f"[ERROR] {m}" for m in messages]}
 
 
-def _block_types() -> frozenset[str]:
-    from slack_sdk.models.blocks import Block
-
-    found, todo = set(), [Block]
+def _model_types(base: type) -> frozenset[str]:
+    """The ``type`` of every slack_sdk model class under ``base`` (Block, BlockElement)."""
+    found, todo = set(), [base]
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
         if isinstance(cls.__dict__.get("type"), str):
             found.add(cls.__dict__["type"])
     return frozenset(found)
+
+
+def _block_types() -> frozenset[str]:
+    from slack_sdk.models.blocks import Block
+
+    return _model_types(Block)
 
 
 _TEXT_OBJECTS = ("plain_text", "mrkdwn")
@@ -440,13 +445,7 @@ def _block_problems(block: Any, ptr: str) -> list[str]:
 def _element_types() -> frozenset[str]:
     from slack_sdk.models.blocks import BlockElement
 
-    found, todo = set(), [BlockElement]
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if isinstance(cls.__dict__.get("type"), str):
-            found.add(cls.__dict__["type"])
-    return frozenset(found)
+    return _model_types(BlockElement)
 
 
 BLOCK_TYPES = _block_types()

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import threading
+import types
 from pathlib import Path
 
 import jsonschema
@@ -604,6 +605,30 @@ def test_no_task_is_left_running_when_the_stream_gives_way_to_posts(start_bot, s
     tasks = [t for m in slack.bot_replies("C100", msg["ts"]) for t in (m.get("tasks") or {}).values()]
     assert tasks and all(t["status"] != "in_progress" for t in tasks), tasks
     assert tasks[0]["output"] == lb.TASK_NOT_SHOWN
+
+
+def test_a_task_running_across_a_rollover_is_closed_above_and_shown_running_below():
+    calls: list[tuple[str, dict]] = []
+
+    class Api:
+        def call(self, method: str, wait: float, **params) -> dict:
+            calls.append((method, params))
+            return {"ok": True, "ts": f"1.{len(calls)}"}
+
+    q = types.SimpleNamespace(channel="C1", thread_ts="1.0", user="U1", team="T1")
+    delivery = lb.StreamDelivery(Api(), q, "lb-test", lambda text: None, chunks=True)
+    box = lb.Outbox(text="Looking.", tasks=[lb.task_chunk("tool-1", "Searching ADRs", "in_progress")])
+    delivery.send(box, None, 0)
+    box.text = "word " * (lb.MARKDOWN_LIMIT // 5 + 100)  # more than one message holds
+    delivery.send(box, None, 0)
+    assert [m for m, _ in calls] == ["chat.startStream", "chat.stopStream", "chat.startStream"]
+
+    def tasks(params: dict) -> list[tuple[str, str, str]]:
+        return [(c["id"], c["status"], c.get("output", "")) for c in params["chunks"] if c["type"] == "task_update"]
+
+    assert tasks(calls[1][1]) == [("tool-1", "complete", lb.TASK_CONTINUED)]
+    assert tasks(calls[2][1]) == [("tool-1", "in_progress", "")]
+    assert list(delivery.running) == ["tool-1"] and not box.tasks
 
 
 def test_a_reply_that_is_posted_shows_each_call_on_the_status_line(start_bot, slack, socket_mode, gateway, repo_env):
