@@ -2810,6 +2810,9 @@ def _read_indexable(file: Path, path: str) -> tuple[str, str]:
     return "", text
 
 
+RENDERED_SUFFIXES = (".md", ".markdown", ".rst", ".adoc")
+
+
 class RepoIndex:
     """One indexed commit of the repository: its files in a FullText (trigram; path and text),
     served to the tools. ``url`` (LEDGER_BOT_REPO_URL) makes links; the files' text is only
@@ -2845,6 +2848,8 @@ class RepoIndex:
         if not self.url:
             return ""
         anchor = f"#L{lines[0]}-L{lines[1]}" if lines else ""
+        if anchor and path.lower().endswith(RENDERED_SUFFIXES):
+            anchor = "?plain=1" + anchor  # GitHub numbers a rendered file's lines only as source
         return f"{self.url}/blob/{self.commit or 'HEAD'}/{urllib.parse.quote(path)}{anchor}"
 
 

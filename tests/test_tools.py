@@ -262,6 +262,8 @@ def test_tool_schemas_are_json_schemas_the_model_is_given_whole():
 def test_links_point_at_the_indexed_commit_and_lines(index):
     assert index.link(TRADE_BUY, (31, 33)) == f"{REPO_URL}/blob/{index.commit}/{TRADE_BUY}#L31-L33"
     assert index.link("docs/a b.md") == f"{REPO_URL}/blob/{index.commit}/docs/a%20b.md"
+    adr = "docs/adr/0001-idempotency.md"
+    assert index.link(adr, (3, 5)) == f"{REPO_URL}/blob/{index.commit}/{adr}?plain=1#L3-L5"
     assert lb.RepoIndex([("a.md", "x")], commit=None, url="").link("a.md") == ""
 
 
